@@ -1,0 +1,248 @@
+"""
+Data and disk plumbing shared by the scripts: datasets, the step-indexed batch sampler that shards
+batches across DDP ranks, checkpoint files, the learning-rate schedule and image grids.
+
+Datasets (every item is `(image, label, factors)`, image a float tensor in [-1, 1] of shape (C, H, W)):
+  shapes   built in, no files: anti-aliased circles, squares and triangles with known generative
+           factors (position x/y, scale, rotation, intensity), so evaluation can compare against them
+  mnist    torchvision MNIST from files you already have in --data_dir (or opt in with --download)
+  cifar10  torchvision CIFAR-10, the same way
+  folder   any directory of images, one sub-folder per class (torchvision ImageFolder)
+"""
+import math
+import os
+
+import torch
+
+# -----------------------------------------------------------------------------
+# errors a user can cause end in one line, never a traceback
+
+
+def fail(message):
+    """Stop the script with a one-line message that names the problem and the fix (exit code 1)."""
+    raise SystemExit(f"error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# the built-in dataset: procedural shapes
+
+SHAPE_NAMES = ["circle", "square", "triangle"]
+# rotation only means something up to the shape's symmetry, so it is drawn as a fraction of
+# that period and stored as (cos, sin) to keep the factor vector continuous
+SYMMETRY = torch.tensor([1.0, 4.0, 3.0])  # circle: any angle; square: 90 degrees; triangle: 120
+FACTOR_NAMES = ["x", "y", "scale", "rot_cos", "rot_sin", "intensity"]
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """One grey shape on black, drawn from a signed distance function with 1-pixel anti-aliasing.
+
+    Item i is a pure function of (seed, split, i): its factors come from a generator seeded with
+    those three numbers, so the 5th image is the same whether the set holds 100 or 20,000 images.
+    The whole split is rendered once at construction (a few hundred milliseconds), in batches.
+    """
+
+    def __init__(self, split="train", image_size=32, seed=0, size=None):
+        split_id = {"train": 0, "heldout": 1}[split]
+        size = size or (20_000 if split == "train" else 2_000)
+        # six uniform numbers per item, each row from its own generator: item i never depends on the others
+        u = torch.stack([torch.rand(6, generator=torch.Generator().manual_seed((seed * 2 + split_id) * 10_000_019 + i))
+                         for i in range(size)])
+        angle = 2 * math.pi * u[:, 4]  # a fraction of one symmetry period, as an angle on the circle
+        self.labels = (u[:, 0] * len(SHAPE_NAMES)).long()
+        self.factors = torch.stack([0.8 * u[:, 1] - 0.4, 0.8 * u[:, 2] - 0.4, 0.3 + 0.3 * u[:, 3],
+                                    angle.cos(), angle.sin(), 0.4 + 0.6 * u[:, 5]], dim=1)
+        self.images = torch.cat([render_shapes(self.labels[s:s + 4096], self.factors[s:s + 4096], image_size)
+                                 for s in range(0, size, 4096)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i], self.factors[i]
+
+
+def render_shapes(labels, factors, image_size):
+    """Rasterise a batch of shapes: labels (N,), factors (N, 6) -> images (N, 1, S, S) in [-1, 1]."""
+    x, y, scale, rot_cos, rot_sin, intensity = [f.view(-1, 1, 1) for f in factors.T]
+    axis = (torch.arange(image_size) + 0.5) / image_size * 2 - 1  # pixel centres in [-1, 1]
+    py, px = axis.view(1, -1, 1) - y, axis.view(1, 1, -1) - x  # (N, S, S) each
+    # the angle on the unit circle is one full turn per symmetry period: divide it back down
+    angle = torch.atan2(rot_sin, rot_cos) / SYMMETRY[labels].view(-1, 1, 1)
+    qx = px * angle.cos() + py * angle.sin()  # pixel in the shape's own rotated frame
+    qy = -px * angle.sin() + py * angle.cos()
+    circle = (px ** 2 + py ** 2).sqrt() - scale
+    square = torch.maximum(qx.abs(), qy.abs()) - 0.8 * scale  # same area as the circle, roughly
+    # an equilateral triangle is the intersection of three half-planes at 120 degrees
+    normals = [(math.cos(a), math.sin(a)) for a in (math.pi / 2, math.pi / 2 + 2.094395, math.pi / 2 + 4.18879)]
+    triangle = torch.stack([qx * nx + qy * ny for nx, ny in normals]).amax(0) - 0.6 * scale
+    dist = torch.where(labels.view(-1, 1, 1) == 0, circle, torch.where(labels.view(-1, 1, 1) == 1, square, triangle))
+    # coverage: 1 inside, 0 outside, a linear ramp one pixel wide across the edge (anti-aliasing)
+    coverage = (0.5 - dist * image_size / 2).clamp(0, 1)
+    return (intensity * coverage * 2 - 1).unsqueeze(1)
+
+
+# -----------------------------------------------------------------------------
+# torchvision datasets, imported lazily so the built-in path never needs torchvision's data code
+
+
+class WithFactors(torch.utils.data.Dataset):
+    """Gives a torchvision dataset the (image, label, factors) items of the built-in one (no factors)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image, torch.tensor(label), torch.zeros(0)
+
+
+def get_dataset(name, data_dir="data", image_size=32, channels=3, download=False, seed=0):
+    """Returns (train set, held-out set, image shape (C, H, W), number of classes)."""
+    if name == "shapes":
+        return (ShapesDataset("train", image_size, seed), ShapesDataset("heldout", image_size, seed),
+                (1, image_size, image_size), len(SHAPE_NAMES))
+    if name not in ("mnist", "cifar10", "folder"):
+        fail(f"unknown dataset '{name}': choose one of shapes, mnist, cifar10, folder")
+    import torchvision
+    from torchvision import transforms as T
+    if name != "folder":
+        channels = 1 if name == "mnist" else 3
+    to_tensor = T.Compose([T.Resize(image_size), T.CenterCrop(image_size),
+                           T.Grayscale(channels) if channels == 1 else T.Lambda(lambda im: im.convert("RGB")),
+                           T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)])
+    shape = (channels, image_size, image_size)
+    if name == "folder":
+        if not os.path.isdir(data_dir):
+            fail(f"--data_dir {data_dir} is not a directory: point it at a folder of class sub-folders of images")
+        try:
+            full = torchvision.datasets.ImageFolder(data_dir, transform=to_tensor)
+        except (FileNotFoundError, RuntimeError) as e:
+            fail(f"no images found under {data_dir} ({str(e).splitlines()[0]}): use one sub-folder per class")
+        if len(full) < 2:
+            fail(f"{data_dir} holds {len(full)} image(s): the folder dataset needs at least 2")
+        # a fixed 10 % of the images (at least one) is held out, the same ones on every run
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_held = max(1, len(full) // 10)
+        return (WithFactors(torch.utils.data.Subset(full, order[n_held:])),
+                WithFactors(torch.utils.data.Subset(full, order[:n_held])), shape, len(full.classes))
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        train, held = [cls(data_dir, train=t, transform=to_tensor, download=download) for t in (True, False)]
+    except RuntimeError:
+        fail(f"{name} files not found in --data_dir {data_dir}: copy them there or add --download")
+    return WithFactors(train), WithFactors(held), shape, 10
+
+
+# -----------------------------------------------------------------------------
+# batches indexed by step: the same step always gets the same examples, whatever the process count
+
+
+class StepSampler:
+    """A batch sampler for DataLoader that yields the examples of steps start_step .. max_steps - 1.
+
+    The global batch of step s is a slice of a permutation drawn from (seed, epoch), and rank r of
+    W processes takes the r-th contiguous piece of it. So the data order needs no state in the
+    checkpoint (resume just starts at the saved step), and two processes with batch B together see
+    exactly the 2B examples one process with batch 2B would see.
+    """
+
+    def __init__(self, num_examples, batch_size, seed, start_step, max_steps, rank=0, world_size=1):
+        self.global_batch = batch_size * world_size
+        if self.global_batch > num_examples:
+            fail(f"global batch {self.global_batch} is larger than the dataset ({num_examples}): lower --batch_size")
+        self.n, self.batch_size, self.seed, self.rank = num_examples, batch_size, seed, rank
+        self.steps = range(start_step, max_steps)
+        self.steps_per_epoch = num_examples // self.global_batch  # drop the ragged end of every epoch
+
+    def __len__(self):
+        return len(self.steps)
+
+    def __iter__(self):
+        epoch, order = None, None
+        for step in self.steps:
+            if step // self.steps_per_epoch != epoch:  # a new epoch: a new permutation of the data
+                epoch = step // self.steps_per_epoch
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            start = (step % self.steps_per_epoch) * self.global_batch + self.rank * self.batch_size
+            yield order[start:start + self.batch_size].tolist()
+
+
+def make_loader(dataset, batch_size, seed, start_step, max_steps, rank=0, world_size=1, num_workers=0):
+    """A DataLoader over the batches of steps start_step .. max_steps - 1 for this rank."""
+    sampler = StepSampler(len(dataset), batch_size, seed, start_step, max_steps, rank, world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available())
+
+
+# -----------------------------------------------------------------------------
+# processes: one per device, launched by torchrun (which sets RANK) or a plain single process
+
+
+def setup_distributed(device):
+    """Returns (rank, world_size, device). Under torchrun, joins the process group and picks this
+    rank's GPU; otherwise rank 0 of 1 on the requested device."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    backend = "nccl" if device.startswith("cuda") else "gloo"  # gloo runs the same code on cpu
+    torch.distributed.init_process_group(backend=backend)
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return rank, world_size, device
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: plain tensors and Python values only, written atomically, loaded with weights_only
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+def load_checkpoint(path, kind, make_it):
+    """Load a checkpoint of the given kind ('autoencoder', 'prior', 'latents', ...), or fail in one
+    line that says what is wrong and which command (`make_it`) writes a good one.
+    weights_only=True means the file can hold tensors and plain values but never code to execute."""
+    if not os.path.isfile(path):
+        fail(f"{path} not found: run `{make_it}` first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupted, or not a torch file at all
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}): rerun `{make_it}` to rewrite it")
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        found = state.get("kind", "unknown") if isinstance(state, dict) else type(state).__name__
+        fail(f"{path} holds a '{found}' checkpoint where a '{kind}' one is expected: run `{make_it}`")
+    return state
+
+
+def check_out_dir(out_dir, master_process):
+    """The output directory must be a directory (made if missing), never an existing file."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out_dir {out_dir} is a file: pass a directory")
+    if master_process:
+        os.makedirs(out_dir, exist_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# small shared helpers
+
+
+def get_lr(step, lr, warmup_iters, max_iters, min_lr):
+    """Linear warm-up to lr, then cosine decay to min_lr at max_iters (as in nanoGPT)."""
+    if step < warmup_iters:
+        return lr * (step + 1) / warmup_iters
+    progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def save_grid(images, path, nrow=8):
+    """Save images in [-1, 1] of shape (N, C, H, W) as one PNG grid."""
+    from torchvision.utils import save_image  # torchvision only when a picture is written
+    save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)

@@ -1,0 +1,394 @@
+"""
+The networks and the diffusion process, in three parts:
+  1. the autoencoder: a VQGAN / latent-diffusion style convolutional Encoder and Decoder with a
+     diagonal Gaussian latent (a KL-regularised autoencoder), whose decoder can be made weaker by a
+     width multiplier and by dropout, the two knobs the Decoupled Autoencoder (DAE) needs;
+  2. the prior: a Diffusion Transformer (DiT, Peebles & Xie 2023) written out in full, with the same
+     parameter names and shapes as the original implementation, so its checkpoints load unchanged;
+  3. GaussianDiffusion: the noise schedule, the training loss and the DDPM and DDIM samplers.
+"""
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# -----------------------------------------------------------------------------
+# 1. the autoencoder
+
+
+def Normalize(channels):
+    # GroupNorm with up to 32 groups; gcd keeps any channel count legal for thin (weak) decoders
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> SiLU -> conv, twice, plus a skip (1x1 conv when the width changes)."""
+
+    def __init__(self, in_ch, out_ch, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)  # the DAE's second way to weaken a decoder
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Encoder(nn.Module):
+    """(N, C, H, W) image -> (N, 2 * z_channels, H / 2^(L-1), W / 2^(L-1)): mean and log-variance."""
+
+    def __init__(self, in_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4, dropout=0.0):
+        super().__init__()
+        layers, width = [nn.Conv2d(in_channels, ch, 3, padding=1)], ch
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                layers.append(ResnetBlock(width, ch * mult, dropout))
+                width = ch * mult
+            if level != len(ch_mult) - 1:  # halve the resolution between levels
+                layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+        # the middle: taming adds self-attention here; at an 8x8 latent the convs already see the
+        # whole image, so we keep one ResNet block and stay fast on a CPU
+        layers += [ResnetBlock(width, width, dropout), Normalize(width), nn.SiLU(),
+                   nn.Conv2d(width, 2 * z_channels, 3, padding=1)]  # double_z: mean and log-variance
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Decoder(nn.Module):
+    """(N, z_channels, h, w) latent -> (N, C, H, W) image: the Encoder's mirror image.
+    `width` multiplies every channel count, so width=0.25 is a decoder with ~1/16 of the parameters."""
+
+    def __init__(self, out_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
+                 dropout=0.0, width=1.0):
+        super().__init__()
+        chans = [max(8, 8 * round(ch * m * width / 8)) for m in ch_mult]  # multiples of 8 channels
+        width = chans[-1]
+        layers = [nn.Conv2d(z_channels, width, 3, padding=1), ResnetBlock(width, width, dropout)]
+        for level in reversed(range(len(ch_mult))):
+            for _ in range(num_res_blocks + 1):  # one block more than the encoder, as in taming
+                layers.append(ResnetBlock(width, chans[level], dropout))
+                width = chans[level]
+            if level != 0:  # nearest-neighbour upsampling followed by a conv, as in taming
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
+        layers += [Normalize(chans[0]), nn.SiLU(), nn.Conv2d(chans[0], out_channels, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.layers(z)
+
+
+class Autoencoder(nn.Module):
+    """Encoder -> 1x1 conv -> diagonal Gaussian posterior q(z|x) -> 1x1 conv -> Decoder.
+
+    Like the latent-diffusion "AutoencoderKL": the encoder predicts a mean and a log-variance per latent
+    element; training decodes a sample z = mean + std * noise and adds a small KL(q(z|x) || N(0, I)),
+    which keeps the latent bounded and smooth. The prior is later trained on these latents."""
+
+    def __init__(self, img_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
+                 dropout=0.0, dec_width=1.0, dec_dropout=0.0):
+        super().__init__()
+        self.encoder = Encoder(img_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
+        self.decoder = Decoder(img_channels, ch, ch_mult, num_res_blocks, z_channels, dec_dropout, dec_width)
+
+        self.encoder_frozen = False
+
+    def freeze_encoder(self):
+        """DAE stage 2: the latent is fixed. No gradient, and eval mode, which train() respects below."""
+        self.encoder_frozen = True
+        for part in (self.encoder, self.quant_conv):
+            part.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.encoder_frozen:  # model.train() must not switch a frozen encoder back (dropout!)
+            self.encoder.eval()
+            self.quant_conv.eval()
+        return self
+
+    def encode(self, x):
+        """Returns the posterior's mean and standard deviation, each (N, z_channels, h, w)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x):
+        """Reconstruct x through a posterior sample; also return the KL per latent element."""
+        mean, std = self.encode(x)
+        z = mean + std * torch.randn_like(std)
+        kl = 0.5 * (mean ** 2 + std ** 2 - 1.0 - 2.0 * torch.log(std)).mean()
+        return self.decode(z), kl
+
+
+# -----------------------------------------------------------------------------
+# 2. the prior: a Diffusion Transformer. Names and shapes of every parameter follow the original
+# DiT code (facebookresearch/DiT, models.py), so `load_state_dict(original, strict=True)` works.
+
+
+def modulate(x, shift, scale):
+    # adaptive LayerNorm: the conditioning shifts and scales the normalised tokens, per sample
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Integer diffusion step t -> sinusoidal features (as in the Transformer's positions) -> MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2  # cos on the first half, sin on the second, frequencies from 1 to 1/max_period
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim) for even dim
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector. Row `num_classes` is the "no class" embedding that classifier-free
+    guidance needs; training swaps a label for it with probability dropout_prob."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def token_drop(self, labels):
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        return torch.where(drop, self.num_classes, labels)
+
+    def forward(self, labels, train):
+        if train and self.dropout_prob > 0:
+            labels = self.token_drop(labels)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention: one call that PyTorch runs
+    as a fused kernel (FlashAttention / memory-efficient) on GPU, never building the (T, T) matrix."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
+        return self.proj(rearrange(x, "n h t d -> n t (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """A Transformer block whose LayerNorms are modulated by the conditioning c (adaLN-Zero): c gives
+    a shift, a scale and a gate for each of the two branches."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        hidden = int(hidden_size * mlp_ratio)  # named layers keep the original keys mlp.fc1 / mlp.fc2
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(hidden_size, hidden), act=nn.GELU(approximate="tanh"),
+                                             fc2=nn.Linear(hidden, hidden_size)))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm, then a linear map from each token to its patch of output pixels."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    """Cut the latent into p x p patches and embed each with one shared linear map: a conv with
+    kernel = stride = p does exactly that."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return rearrange(self.proj(x), "n d h w -> n (h w) d")  # row-major tokens
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """Fixed 2-D position embedding, (grid_size ** 2, embed_dim): the first half of the features
+    encodes the column of the patch, the second half its row, each as sin then cos (as in MAE/DiT)."""
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                                torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    halves = [torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], dim=1)
+              for p in (cols, rows)]
+    return torch.cat(halves, dim=1).float()
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer: noisy latent x (N, C, H, W), step t (N,), label y (N,) -> predicted noise.
+    With learn_sigma the output has 2C channels (noise, then a variance the original DiT trained);
+    our sampler reads only the first C."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+        super().__init__()
+        if not isinstance(input_size, int) or input_size % patch_size:
+            raise ValueError(f"DiT needs a square latent whose side ({input_size}) is divisible by the "
+                             f"patch size ({patch_size}): change --patch_size or the autoencoder's latent size")
+        self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = (input_size // patch_size) ** 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)  # fixed
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        grid = int(self.pos_embed.shape[1] ** 0.5)
+        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid).unsqueeze(0))
+        w = self.x_embedder.proj.weight.data  # initialise the patch conv like a linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: zero modulation makes every gate 0, so each block starts as the identity
+        # function and the network as a whole starts by predicting 0 (the output layer is zero too)
+        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [
+                self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p * p * C) tokens -> (N, C, H, W) image; T = (H / p) * (W / p) in row-major order."""
+        side = int(x.shape[1] ** 0.5)
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=side, p=self.patch_size, q=self.patch_size)
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x) + self.pos_embed           # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        for block in self.blocks:
+            x = block(x, c)                                 # (N, T, D)
+        return self.unpatchify(self.final_layer(x, c))     # (N, out_channels, H, W)
+
+
+# -----------------------------------------------------------------------------
+# 3. Gaussian diffusion (Ho et al. 2020, DDPM; Song et al. 2021, DDIM) on the latents
+
+
+class GaussianDiffusion(nn.Module):
+    """The forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with
+    beta_t linear from 1e-4 to 0.02 over 1000 steps, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s.
+    The schedule lives in float32 buffers (float64 breaks Apple's MPS backend); they move with .to().
+    `model` anywhere below is any callable model(x, t, y) -> predicted noise (extra channels ignored)."""
+
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+        super().__init__()
+        self.num_timesteps = num_timesteps
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # computed in float64, stored in float32
+        self.register_buffer("betas", betas.float())
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float())
+
+    def q_sample(self, x0, t, noise):
+        """Jump straight to step t: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        abar = self.alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def training_loss(self, model, x0, y):
+        """DDPM Algorithm 1: a random step t per example, noise it, regress the noise (the "simple" loss)."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        eps = model(self.q_sample(x0, t, noise), t, y)[:, :x0.shape[1]]
+        return F.mse_loss(eps.float(), noise)
+
+    def guided_eps(self, model, x, t, y, cfg_scale, null_label):
+        """Classifier-free guidance in one place: eps = eps(x|none) + s (eps(x|y) - eps(x|none)),
+        on every channel. Scale 1 is the plain conditional model, so it skips the second pass."""
+        if cfg_scale == 1.0:
+            return model(x, t, y)[:, :x.shape[1]]
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+        cond, uncond = both[:, :x.shape[1]].chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def ddpm_sample(self, model, noise, y, cfg_scale=1.0, null_label=0, generator=None):
+        """DDPM Algorithm 2, ancestral sampling through all T steps:
+        x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, with
+        sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t), the variance of q(x_{t-1} | x_t, x_0)."""
+        x = noise
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            eps = self.guided_eps(model, x, t, y, cfg_scale, null_label)
+            beta, abar = self.betas[i], self.alphas_cumprod[i]
+            x = (x - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()
+            if i > 0:  # no noise is added on the last step
+                var = beta * (1 - self.alphas_cumprod[i - 1]) / (1 - abar)
+                x = x + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
+        return x
+
+    def ddim_timesteps(self, steps):
+        """`steps` evenly spaced steps from T-1 down to 0, e.g. 50 of the 1000."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"--steps must be between 1 and {self.num_timesteps}, got {steps}")
+        return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
+
+    @torch.no_grad()
+    def ddim_sample(self, model, noise, y, steps=50, eta=0.0, cfg_scale=1.0, null_label=0, generator=None):
+        """DDIM: the same trained model, sampled on a short sub-sequence of steps. Its speed comes only
+        from calling the network `steps` times instead of T: from x_t it predicts x_0, then jumps to
+        the next kept step t' with the marginal q(x_t' | x_0) of the same forward process:
+            x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+            x_t' = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z
+        eta = 0 is deterministic; eta = 1 with all T steps is exactly DDPM's ancestral sampler."""
+        x, times = noise, self.ddim_timesteps(steps)
+        for i, step in enumerate(times):
+            t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+            eps = self.guided_eps(model, x, t, y, cfg_scale, null_label)
+            abar = self.alphas_cumprod[step]
+            abar_next = self.alphas_cumprod[times[i + 1]] if i + 1 < len(times) else torch.ones_like(abar)
+            x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+            sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
+            x = abar_next.sqrt() * x0 + (1 - abar_next - sigma ** 2).sqrt() * eps
+            if eta > 0 and i + 1 < len(times):
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        return x

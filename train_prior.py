@@ -1,0 +1,224 @@
+"""
+Train the latent prior: a small Diffusion Transformer (DiT) on the latents cached by train_ae.py.
+
+  python train_prior.py                                   # cpu or one GPU, reads out/latents.pt
+  torchrun --standalone --nproc_per_node=8 train_prior.py --batch_size 256 --compile   # 8 GPUs (DDP)
+
+The prior is where the choice of latent pays off: the DAE latent is meant to be simpler to model, so
+the same DiT, trained for the same steps, should reach a lower loss and give better samples on it.
+Training is DDPM's Algorithm 1 (see GaussianDiffusion.training_loss in model.py) with AdamW,
+warm-up + cosine learning rate, gradient clipping and accumulation, and an EMA of the weights,
+which is what sample.py uses by default.
+"""
+import argparse
+import contextlib
+import copy
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import (StepSampler, check_out_dir, fail, get_lr, load_checkpoint, save_checkpoint, save_grid,
+                  setup_distributed)
+from model import DiT, Autoencoder, GaussianDiffusion
+
+# -----------------------------------------------------------------------------
+# every knob is an option; the defaults train a tiny DiT on the built-in shapes on a CPU in ~7 minutes
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--out_dir", default="out", help="reads latents.pt (and ae.pt for pictures) here, writes prior.pt")
+# the DiT (the original's DiT-S is hidden 384, depth 12, 6 heads; ours is smaller for a CPU)
+parser.add_argument("--hidden_size", type=int, default=128, help="transformer width")
+parser.add_argument("--depth", type=int, default=4, help="number of DiT blocks")
+parser.add_argument("--num_heads", type=int, default=4, help="attention heads")
+parser.add_argument("--patch_size", type=int, default=2, help="latent patch side; an 8x8 latent gives 16 tokens at 2")
+parser.add_argument("--mlp_ratio", type=float, default=4.0, help="MLP width / transformer width")
+parser.add_argument("--class_dropout_prob", type=float, default=0.1, help="label dropout that trains the no-class mode for CFG")
+parser.add_argument("--unconditional", action="store_true", help="ignore the class labels")
+# optimisation (nanoGPT's recipe: AdamW, linear warm-up, cosine decay to min_lr, clipping)
+parser.add_argument("--max_iters", type=int, default=2500, help="optimizer steps")
+parser.add_argument("--batch_size", type=int, default=64, help="latents per micro-batch per process")
+parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+parser.add_argument("--min_lr", type=float, default=5e-5, help="learning rate at the end of the cosine decay")
+parser.add_argument("--warmup_iters", type=int, default=100, help="linear warm-up steps")
+parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (warmed up as min(decay, (1+s)/(10+s)))")
+# system: device, compilation, how often to log, save and draw samples
+parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for cuda)")
+parser.add_argument("--log_interval", type=int, default=100, help="steps between log lines")
+parser.add_argument("--ckpt_interval", type=int, default=500, help="steps between checkpoints")
+parser.add_argument("--sample_interval", type=int, default=1000, help="steps between sample grids (0 = only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from out_dir/prior.pt")
+args = parser.parse_args()
+# refuse nonsense before any work is done, in one line each
+for name in ("max_iters", "batch_size", "grad_accum", "hidden_size", "depth", "num_heads", "patch_size",
+             "log_interval", "ckpt_interval"):
+    if getattr(args, name) <= 0:
+        fail(f"--{name} must be positive, got {getattr(args, name)}")
+if args.lr <= 0 or args.min_lr < 0 or not 0 <= args.ema_decay < 1 or not 0 <= args.class_dropout_prob < 1:
+    fail("--lr must be positive, --min_lr not negative, --ema_decay and --class_dropout_prob in [0, 1)")
+if args.hidden_size % args.num_heads:
+    fail(f"--hidden_size {args.hidden_size} must be divisible by --num_heads {args.num_heads}")
+
+# -----------------------------------------------------------------------------
+# one process per device; under torchrun every process runs this same file with its own RANK
+rank, world_size, device = setup_distributed(args.device)
+master_process = rank == 0  # only rank 0 prints and writes files
+check_out_dir(args.out_dir, master_process)
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+# bf16 autocast on GPUs (no GradScaler needed, unlike fp16); plain float32 on cpu, bit-reproducible
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext()
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+# the latents: posterior means and stds of the whole training set, written once by train_ae.py
+make_latents = f"python train_ae.py --stage 2 --out_dir {args.out_dir}  (after --stage 1; or --stage joint)"
+latents = load_checkpoint(os.path.join(args.out_dir, "latents.pt"), "latents", make_latents)
+latent_mean, latent_std = latents["mean"].to(device), latents["std"].to(device)
+labels, latent_scale = latents["labels"].to(device), latents["latent_scale"]
+latent_shape = tuple(latent_mean.shape[1:])  # (C, h, w), (4, 8, 8) by default
+num_classes = 0 if args.unconditional else latents["num_classes"]
+if latent_shape[1] != latent_shape[2] or latent_shape[1] % args.patch_size:
+    fail(f"latents of shape {latent_shape} need to be square with a side divisible by --patch_size {args.patch_size}")
+
+# -----------------------------------------------------------------------------
+# the model, its EMA copy, the diffusion schedule and the optimizer
+torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+dit_config = dict(input_size=latent_shape[1], patch_size=args.patch_size, in_channels=latent_shape[0],
+                  hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
+                  class_dropout_prob=args.class_dropout_prob, num_classes=num_classes, learn_sigma=False)
+# learn_sigma=False: we train only the noise (the simple loss); DDIM and our DDPM need no learned variance
+model = DiT(**dit_config).to(device)
+ema = copy.deepcopy(model).requires_grad_(False)  # the averaged weights that sample well
+diffusion = GaussianDiffusion().to(device)
+# fused AdamW does the whole update in one kernel per device (on cpu too)
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
+                              fused=device_type in ("cuda", "cpu"))
+start_step = 0
+ckpt_path = os.path.join(args.out_dir, "prior.pt")
+if args.resume:  # continue exactly: weights, EMA, optimizer moments and the step
+    state = load_checkpoint(ckpt_path, "prior", f"python train_prior.py --out_dir {args.out_dir}")
+    if state["dit_config"] != dit_config:
+        fail(f"{ckpt_path} holds a DiT with {state['dit_config']}, this run asks for {dit_config}: use the same options")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    start_step = state["step"]
+
+# the autoencoder, only to turn sample grids into pictures along the way (optional here)
+ae_path, ae = os.path.join(args.out_dir, "ae.pt"), None
+if master_process and os.path.isfile(ae_path):
+    ae_state = load_checkpoint(ae_path, "autoencoder", make_latents)
+    c = ae_state["config"]
+    ae = Autoencoder(ae_state["image_shape"][0], c["ch"], c["ch_mult"], c["num_res_blocks"], c["z_channels"])
+    ae.load_state_dict(ae_state["model"])
+    ae.to(device).eval()
+
+n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+if master_process:
+    print(f"DiT: {n_params / 1e6:.2f}M parameters, {(latent_shape[1] // args.patch_size) ** 2} tokens, "
+          f"{num_classes} classes; latents {latent_shape} x {len(labels)}, scale {latent_scale:.4f}")
+raw_model = model  # checkpoints save the plain module, never the compiled or DDP wrapper
+if args.compile if args.compile is not None else device_type == "cuda":
+    if master_process:
+        print("compiling the model... (takes a ~minute)")
+    model = torch.compile(model)
+if world_size > 1:
+    model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+
+
+def checkpoint(step):
+    """Model, EMA, optimizer moments, step and config: everything to continue exactly. The data order
+    and the random draws of step s are functions of (seed, rank, s), so the step restores them too."""
+    return {"kind": "prior", "step": step, "config": vars(args), "dit_config": dit_config,
+            "latent_shape": list(latent_shape), "latent_scale": latent_scale, "num_classes": num_classes,
+            "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+@torch.no_grad()
+def sample_grid(step):
+    """16 DDIM samples from the EMA model with a fixed seed, decoded, so grids are comparable over time."""
+    if ae is None:
+        return
+    g = torch.Generator(device=device).manual_seed(1234)
+    y = torch.arange(16, device=device) % max(num_classes, 1) if num_classes else torch.zeros(16, dtype=torch.long, device=device)
+    noise = torch.randn((16,) + latent_shape, generator=g, device=device)
+    z = diffusion.ddim_sample(ema.eval(), noise, y, steps=25, null_label=num_classes, generator=g)
+    save_grid(ae.decode(z / latent_scale).float(), os.path.join(args.out_dir, "prior_samples.png"), nrow=8)
+    print(f"step {step}: wrote {os.path.join(args.out_dir, 'prior_samples.png')}")
+
+
+def flops_per_latent():
+    """Training FLOPs per latent: 6 per parameter per token (forward + backward) + attention scores."""
+    tokens = (latent_shape[1] // args.patch_size) ** 2
+    return 6 * n_params * tokens + 12 * args.depth * args.hidden_size * tokens ** 2
+
+
+# -----------------------------------------------------------------------------
+# the training loop: every rank takes its own piece of each global batch (see data.StepSampler)
+micro, global_batch = args.batch_size, args.batch_size * args.grad_accum * world_size
+sampler = StepSampler(len(labels), micro * args.grad_accum, args.seed, start_step, args.max_iters, rank, world_size)
+if master_process:
+    print(f"global batch {global_batch} = {world_size} process(es) x {args.grad_accum} accumulation x {micro}; "
+          f"steps {start_step} -> {args.max_iters}")
+model.train()  # important! label dropout on: it trains the no-class mode that CFG needs
+step, t0, loss_sum, logged = start_step, time.time(), torch.zeros(1, device=device), 0
+try:
+    for idx in sampler:
+        torch.manual_seed(args.seed * 1_000_003 + rank * 7919 + step)  # this step's draws: t, noise, dropout
+        lr = get_lr(step, args.lr, args.warmup_iters, args.max_iters, args.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = torch.tensor(idx, device=device)
+        # a fresh posterior sample each time, scaled to unit variance: z = (mean + std * noise) * scale
+        # (the autoencoder's decoder was trained on such samples, so the prior should model them too)
+        x0 = (latent_mean[idx] + latent_std[idx] * torch.randn_like(latent_std[idx])) * latent_scale
+        y = labels[idx] if num_classes else torch.zeros_like(labels[idx])
+        for k, (x_micro, y_micro) in enumerate(zip(x0.split(micro), y.split(micro))):
+            last = k == args.grad_accum - 1  # DDP averages gradients across ranks only on the last micro-step
+            with model.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+                with autocast:
+                    loss = diffusion.training_loss(model, x_micro, y_micro) / args.grad_accum
+                if not torch.isfinite(loss):
+                    fail(f"loss became {loss.item()} at step {step}; the last good checkpoint is kept at "
+                         f"{ckpt_path}: lower --lr (now {args.lr}) and continue with --resume")
+                loss.backward()
+            loss_sum += loss.detach().float()
+        if args.grad_clip > 0:  # a rare huge gradient (a t near 0 with a bad draw) must not wreck the weights
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # EMA with warm-up: early on the average follows the weights closely, so short runs sample well
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_p, p in zip(ema.parameters(), raw_model.parameters()):
+                ema_p.lerp_(p, 1 - decay)
+        step += 1
+        logged += 1
+        if step % args.log_interval == 0 or step == args.max_iters:
+            if world_size > 1:  # the logged loss is the mean over every process
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            elapsed = time.time() - t0
+            if master_process:
+                rate = logged * global_batch / elapsed
+                mfu = f" | MFU {rate * flops_per_latent() / (312e12 * world_size) * 100:.1f}% (of A100 bf16)" \
+                    if device_type == "cuda" else ""
+                print(f"step {step}/{args.max_iters} | loss {loss_sum.item() / logged:.4f} | lr {lr:.1e} | "
+                      f"{rate:.0f} latents/s | {(args.max_iters - step) * elapsed / logged:.0f}s left{mfu}")
+            t0, loss_sum, logged = time.time(), torch.zeros(1, device=device), 0
+        if master_process and (step % args.ckpt_interval == 0 or step == args.max_iters):
+            save_checkpoint(checkpoint(step), ckpt_path)
+        if master_process and args.sample_interval and step % args.sample_interval == 0 and step != args.max_iters:
+            sample_grid(step)
+except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to continue
+    if master_process:
+        save_checkpoint(checkpoint(step), ckpt_path)
+        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with the same command plus --resume")
+    raise SystemExit(130)
+if master_process:  # a last grid from the final EMA weights
+    sample_grid(step)
+if world_size > 1:
+    torch.distributed.destroy_process_group()

@@ -242,6 +242,11 @@ def get_lr(step, lr, warmup_iters, max_iters, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def checksum(module):
+    """Sum of every parameter in float64: equal on two DDP ranks only if their weights are equal."""
+    return sum(p.detach().double().sum() for p in module.parameters()).item()
+
+
 def save_grid(images, path, nrow=8):
     """Save images in [-1, 1] of shape (N, C, H, W) as one PNG grid."""
     from torchvision.utils import save_image  # torchvision only when a picture is written

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (check_out_dir, fail, get_dataset, get_lr, load_checkpoint, make_loader, save_checkpoint,
+from data import (checksum, check_out_dir, fail, get_dataset, get_lr, load_checkpoint, make_loader, save_checkpoint,
                   save_grid, setup_distributed)
 from model import Autoencoder
 
@@ -40,6 +40,7 @@ parser.add_argument("--data_dir", default="data", help="where mnist/cifar10 file
 parser.add_argument("--download", action="store_true", help="let torchvision download mnist/cifar10 (opt in)")
 parser.add_argument("--image_size", type=int, default=32, help="images are resized to this square size")
 parser.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels for --data folder")
+parser.add_argument("--data_seed", type=int, default=0, help="which shapes are drawn (and the folder split); --seed leaves it alone")
 # the autoencoder (the defaults map 1x32x32 images to a 4x8x8 latent)
 parser.add_argument("--ch", type=int, default=16, help="base width of encoder and decoder")
 parser.add_argument("--ch_mult", default="1,2,4", help="width multiplier per level; each extra level halves the size")
@@ -98,10 +99,10 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda"
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 train_set, heldout_set, image_shape, num_classes = get_dataset(args.data, args.data_dir, args.image_size,
-                                                               args.channels, args.download, args.seed)
+                                                               args.channels, args.download, args.data_seed)
 final_stage = args.stage != "1"  # stage 2 and joint both produce the autoencoder the prior uses
 ckpt_path = os.path.join(args.out_dir, "ae.pt" if final_stage else "ae_stage1.pt")
-ARCH = ["data", "image_size", "channels", "ch", "ch_mult", "num_res_blocks", "z_channels"]
+ARCH = ["data", "data_seed", "image_size", "channels", "ch", "ch_mult", "num_res_blocks", "z_channels"]
 
 
 def check_same_arch(config, path):
@@ -168,6 +169,8 @@ if master_process:
     print(f"stage {args.stage}: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M params, "
           f"decoder {n_params / 1e6:.2f}M params, {len(trainable)} trainable tensors")
 raw_model = model  # checkpoints save this one: no "_orig_mod." (compile) or "module." (DDP) prefixes
+if world_size > 1:  # DDP also broadcasts rank 0's weights when it wraps; the seed alone already makes them equal
+    print(f"rank {rank}: initial checksum {checksum(raw_model)!r}")
 if args.compile if args.compile is not None else device_type == "cuda":
     if master_process:
         print("compiling the model... (takes a ~minute)")
@@ -202,6 +205,7 @@ if master_process:
           f"steps {start_step} -> {args.max_iters}")
 model.train()
 step, t0, loss_sum, logged = start_step, time.time(), torch.zeros(3, device=device), 0
+local_loss = float("nan")  # this rank's loss over the last log interval
 try:
     for x, _, _ in loader:
         # every random draw of this step (posterior noise, dropout) comes from (seed, rank, step)
@@ -235,8 +239,10 @@ try:
         loss_sum += torch.stack([loss.detach().float(), rec.detach().float(), kl.detach().float()])
         logged += 1
         if step % args.log_interval == 0 or step == args.max_iters:
-            if world_size > 1:  # log the mean over all processes, not rank 0's share
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            local_loss = (loss_sum[0] / logged).item()  # this rank's own share, kept for the checksum line
+            if world_size > 1:  # log the mean over all processes, not rank 0's share (SUM: every backend has it)
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
+                loss_sum /= world_size
             elapsed = time.time() - t0
             if master_process:
                 total, rec_avg, kl_avg = (loss_sum / logged).tolist()
@@ -254,7 +260,9 @@ except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to co
 
 # -----------------------------------------------------------------------------
 # after training: measure on the held-out set, and for the final autoencoder cache the latents
-if world_size > 1:
+if world_size > 1:  # every rank must end with the same weights: print a checksum to compare (tests read it)
+    print(f"rank {rank}: parameter checksum {checksum(raw_model)!r} | own loss {local_loss:.6f}")
+    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer has already hung up
     torch.distributed.destroy_process_group()
 if not master_process:
     raise SystemExit(0)

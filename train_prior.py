@@ -19,7 +19,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (StepSampler, check_out_dir, fail, get_lr, load_checkpoint, save_checkpoint, save_grid,
+from data import (StepSampler, checksum, check_out_dir, fail, get_lr, load_checkpoint, save_checkpoint, save_grid,
                   setup_distributed)
 from model import DiT, Autoencoder, GaussianDiffusion
 
@@ -122,6 +122,8 @@ if master_process:
     print(f"DiT: {n_params / 1e6:.2f}M parameters, {(latent_shape[1] // args.patch_size) ** 2} tokens, "
           f"{num_classes} classes; latents {latent_shape} x {len(labels)}, scale {latent_scale:.4f}")
 raw_model = model  # checkpoints save the plain module, never the compiled or DDP wrapper
+if world_size > 1:  # DDP also broadcasts rank 0's weights when it wraps; the seed alone already makes them equal
+    print(f"rank {rank}: initial checksum {checksum(raw_model)!r}")
 if args.compile if args.compile is not None else device_type == "cuda":
     if master_process:
         print("compiling the model... (takes a ~minute)")
@@ -135,7 +137,8 @@ def checkpoint(step):
     and the random draws of step s are functions of (seed, rank, s), so the step restores them too."""
     return {"kind": "prior", "step": step, "config": vars(args), "dit_config": dit_config,
             "latent_shape": list(latent_shape), "latent_scale": latent_scale, "num_classes": num_classes,
-            "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+            "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "loss": last_loss}  # the mean training loss over the last log interval
 
 
 @torch.no_grad()
@@ -166,6 +169,8 @@ if master_process:
           f"steps {start_step} -> {args.max_iters}")
 model.train()  # important! label dropout on: it trains the no-class mode that CFG needs
 step, t0, loss_sum, logged = start_step, time.time(), torch.zeros(1, device=device), 0
+local_loss = float("nan")  # this rank's own loss over the last log interval
+last_loss = state.get("loss", float("nan")) if args.resume else float("nan")  # the mean over all ranks
 try:
     for idx in sampler:
         torch.manual_seed(args.seed * 1_000_003 + rank * 7919 + step)  # this step's draws: t, noise, dropout
@@ -199,14 +204,17 @@ try:
         step += 1
         logged += 1
         if step % args.log_interval == 0 or step == args.max_iters:
-            if world_size > 1:  # the logged loss is the mean over every process
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            local_loss = loss_sum.item() / logged  # this rank's own share, kept for the checksum line
+            if world_size > 1:  # the logged loss is the mean over every process (SUM: every backend has it)
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
+                loss_sum /= world_size
+            last_loss = loss_sum.item() / logged  # stored in the checkpoint: the experiment tables report it
             elapsed = time.time() - t0
             if master_process:
                 rate = logged * global_batch / elapsed
                 mfu = f" | MFU {rate * flops_per_latent() / (312e12 * world_size) * 100:.1f}% (of A100 bf16)" \
                     if device_type == "cuda" else ""
-                print(f"step {step}/{args.max_iters} | loss {loss_sum.item() / logged:.4f} | lr {lr:.1e} | "
+                print(f"step {step}/{args.max_iters} | loss {last_loss:.4f} | lr {lr:.1e} | "
                       f"{rate:.0f} latents/s | {(args.max_iters - step) * elapsed / logged:.0f}s left{mfu}")
             t0, loss_sum, logged = time.time(), torch.zeros(1, device=device), 0
         if master_process and (step % args.ckpt_interval == 0 or step == args.max_iters):
@@ -220,5 +228,7 @@ except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to co
     raise SystemExit(130)
 if master_process:  # a last grid from the final EMA weights
     sample_grid(step)
-if world_size > 1:
+if world_size > 1:  # every rank must end with the same weights: print a checksum to compare (tests read it)
+    print(f"rank {rank}: parameter checksum {checksum(raw_model)!r} | own loss {local_loss:.6f}")
+    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer has already hung up
     torch.distributed.destroy_process_group()

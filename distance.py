@@ -1,0 +1,363 @@
+"""
+How good is a latent? Distances between image distributions, and the paper's complexity-motivated one.
+
+  python distance.py --out_dir out                        # the capacity curve of out/ae.pt's encoder
+  python distance.py --out_dir out --ae out/ae_stage1.pt  # the same for the stage-1 encoder
+  python distance.py --out_dir out --steps 2000 --device cuda   # a longer probe budget on a GPU
+
+The idea, in our reading of Hu et al. ("Complexity Matters", NeurIPS 2023): how far a latent
+distribution P_z is from the data P_x depends on who has to bridge the gap. For a class G of decoders
+of bounded complexity, D_G(P_z, P_x) = inf_{g in G} d_F(g # P_z, P_x). With an encoder e, P_z = e # P_x,
+and for the Wasserstein-1 distance d(g # e # P_x, P_x) <= E ||g(e(x)) - x|| (pair each x with its own
+reconstruction: one transport plan, so at least as expensive as the best one). So the best
+reconstruction error inside G is an upper bound on D_G, and DAE stage 1 minimises exactly this bound
+with G = the weak auxiliary decoder class. `capacity_curve` estimates the bound for several G at once:
+fresh probe decoders of growing width, trained on the frozen latent. A latent that is simple for a
+generator keeps its error low even for the thinnest probe.
+
+The other scores need no downloads: FD is the Frechet Distance in the feature space of a small CNN
+(the "evaluator") that we train here once, deterministically, on the training split. It is not FID
+(no Inception network), so FD numbers are only comparable between runs scored by the same evaluator.pt.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import FACTOR_NAMES, check_out_dir, fail, get_dataset, get_lr, load_checkpoint, save_checkpoint
+from model import Autoencoder, Decoder
+
+# -----------------------------------------------------------------------------
+# distances between two sets of samples
+
+
+def frechet_distance(feats_a, feats_b):
+    """Frechet distance between Gaussians fitted to two (N, D) feature sets:
+        ||mu_a - mu_b||^2 + tr(C_a) + tr(C_b) - 2 tr((C_a C_b)^(1/2)).
+    Needs at least 2 samples per set (a covariance divides by N - 1); with N <= D the covariances are
+    rank-deficient and FD is biased upward, so use N well above D when comparing numbers."""
+    if feats_a.dim() != 2 or feats_b.dim() != 2 or feats_a.shape[1] != feats_b.shape[1]:
+        fail(f"FD compares two (N, D) feature sets of the same D, got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+    if min(len(feats_a), len(feats_b)) < 2:
+        fail(f"FD needs at least 2 samples per set to estimate a covariance, got {len(feats_a)} and {len(feats_b)}")
+    a, b = feats_a.detach().cpu().double(), feats_b.detach().cpu().double()  # float64: traces cancel
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        fail("FD got NaN or inf features: the images being scored are not finite (did training diverge?)")
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
+    # no scipy.linalg.sqrtm: C_a C_b has the same eigenvalues as the symmetric PSD matrix
+    # sqrt(C_a) C_b sqrt(C_a), so tr((C_a C_b)^(1/2)) is the sum of the square roots of its eigenvalues.
+    # Round-off makes tiny eigenvalues slightly negative; they are zero in exact arithmetic.
+    eigvals, eigvecs = torch.linalg.eigh(cov_a)
+    sqrt_a = eigvecs @ torch.diag(eigvals.clamp_min(0).sqrt()) @ eigvecs.T
+    tr_covmean = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0).sqrt().sum()
+    fd = (a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_covmean
+    return max(fd.item(), 0.0)  # a distance: round-off below zero means zero
+
+
+def wasserstein_1d(a, b):
+    """W1 between the empirical distributions of each column of a (N, K) and b (M, K) -> (K,).
+    In one dimension the optimal plan matches samples in sorted order, so W1 is the mean gap between
+    quantiles; with N != M both sets are read at the same min(N, M) quantile levels."""
+    m = min(len(a), len(b))
+    levels = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    quantiles_a = a.double().sort(0).values[(levels * len(a)).long()]
+    quantiles_b = b.double().sort(0).values[(levels * len(b)).long()]
+    return (quantiles_a - quantiles_b).abs().mean(0)
+
+
+def sliced_wasserstein(a, b, num_projections=256, seed=0):
+    """Sliced W1 between two image sets, in pixel space: the mean W1 of their 1-D projections on
+    random unit directions. Unpaired (it never matches image i to image i) and needs no features; the
+    seed fixes the directions, so two calls with the same seed compare like with like."""
+    a, b = a.detach().cpu().flatten(1).double(), b.detach().cpu().flatten(1).double()
+    if a.shape[1] != b.shape[1]:
+        fail(f"sliced Wasserstein needs images of the same size, got {a.shape[1]} and {b.shape[1]} values")
+    directions = torch.randn(a.shape[1], num_projections, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(seed))
+    directions /= directions.norm(dim=0, keepdim=True)
+    return wasserstein_1d(a @ directions, b @ directions).mean().item()
+
+
+# -----------------------------------------------------------------------------
+# the evaluator: a small CNN trained here, whose penultimate layer gives the features for FD
+
+
+class Evaluator(nn.Module):
+    """(N, C, H, W) image -> 128 features -> class logits and predicted generative factors.
+    Strided convs then a flatten, not global pooling: position is one of the factors, and pooling
+    would throw away where the shape is. Factor targets are standardised with stored statistics."""
+
+    def __init__(self, in_channels, image_size, num_classes, num_factors, width=32, feature_dim=128):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),        # H/2
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),    # H/4
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),    # H/8
+            nn.Flatten(), nn.Linear(2 * width * math.ceil(image_size / 8) ** 2, feature_dim), nn.SiLU())
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.factor_head = nn.Linear(feature_dim, num_factors)  # 0 outputs for data without factors
+        self.register_buffer("factor_mean", torch.zeros(num_factors))
+        self.register_buffer("factor_std", torch.ones(num_factors))
+
+    def forward(self, x):
+        features = self.body(x)                                                     # (N, 128)
+        factors = self.factor_head(features) * self.factor_std + self.factor_mean   # (N, num_factors)
+        return features, self.classifier(features), factors
+
+
+@torch.no_grad()
+def evaluate(net, images, batch_size=500):
+    """Run the evaluator over images in eval mode, batch by batch: (features, logits, factors) on cpu."""
+    net.eval()
+    device = next(net.parameters()).device
+    outputs = [net(batch.to(device).float()) for batch in images.split(batch_size)]
+    return [torch.cat([out[k] for out in outputs]).cpu() for k in range(3)]
+
+
+def features(net, images, batch_size=500):
+    """(N, C, H, W) images in [-1, 1] -> (N, 128) float features, the space FD is measured in."""
+    return evaluate(net, images, batch_size)[0]
+
+
+def load_split(dataset, max_count=None):
+    """The first max_count items of a dataset as three tensors: images, labels, factors."""
+    count = len(dataset) if max_count is None else min(max_count, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=500)
+    images, labels, factors = zip(*loader)
+    return torch.cat(images), torch.cat(labels), torch.cat(factors)
+
+
+def train_evaluator(train, heldout, image_shape, num_classes, steps=400, batch_size=128, lr=2e-3, seed=0, device="cpu"):
+    """Train the evaluator on (images, labels, factors) tensors: cross-entropy on the class plus the
+    MSE of the standardised factors. Everything random comes from `seed`, so the evaluator, and with
+    it every FD, is the same on every run. Returns (net, info) with its held-out accuracy and R^2."""
+    (images, labels, factors), t0 = train, time.time()
+    torch.manual_seed(seed)
+    net = Evaluator(image_shape[0], image_shape[1], num_classes, factors.shape[1]).to(device)
+    if factors.shape[1]:
+        net.factor_mean.copy_(factors.mean(0))
+        net.factor_std.copy_(factors.std(0).clamp_min(1e-6))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    order = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, lr, steps // 20, steps, lr / 10)
+        idx = torch.randint(len(images), (batch_size,), generator=order)
+        _, logits, predicted = net(images[idx].to(device))
+        loss = F.cross_entropy(logits, labels[idx].to(device))
+        if factors.shape[1]:  # compared in standardised units, so every factor weighs the same
+            loss = loss + F.mse_loss((predicted - net.factor_mean) / net.factor_std,
+                                     (factors[idx].to(device) - net.factor_mean) / net.factor_std)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _, logits, predicted = evaluate(net, heldout[0])
+    info = {"accuracy": (logits.argmax(1) == heldout[1]).float().mean().item(), "train_seconds": time.time() - t0}
+    if factors.shape[1]:
+        # R^2 = 1 - (error variance / factor variance), per factor. A circle looks the same at every angle,
+        # so for the rotation factors the best possible R^2 is about 2/3 (circles are a third of the data)
+        r2 = 1 - (predicted - heldout[2]).pow(2).mean(0) / heldout[2].var(0)
+        info["factor_r2"] = dict(zip(FACTOR_NAMES, r2.tolist()))
+    return net, info
+
+
+def get_evaluator(out_dir, train_set, heldout_set, image_shape, num_classes, dataset_name, device="cpu",
+                  steps=400, seed=0):
+    """The evaluator cached in out_dir/evaluator.pt, trained first when missing or made for other data.
+    Returns (net in eval mode, info: accuracy, factor_r2 on the shapes data, config)."""
+    path = os.path.join(out_dir, "evaluator.pt")
+    num_factors = train_set[0][2].numel()
+    config = {"data": dataset_name, "image_shape": list(image_shape), "num_classes": num_classes,
+              "num_factors": num_factors, "steps": steps, "seed": seed}
+    if os.path.isfile(path):
+        state = load_checkpoint(path, "evaluator", f"rm {path}; python distance.py --out_dir {out_dir}")
+        if state["config"] == config:
+            net = Evaluator(image_shape[0], image_shape[1], num_classes, num_factors)
+            net.load_state_dict(state["model"])
+            return net.to(device).eval(), state["info"]
+        print(f"{path} was trained for {state['config']}; retraining it for {config}")
+    print(f"training the evaluator ({steps} steps, seed {seed}) ...")
+    net, info = train_evaluator(load_split(train_set, 20_000), load_split(heldout_set), image_shape, num_classes,
+                                steps=steps, seed=seed, device=device)
+    info["config"] = config
+    save_checkpoint({"kind": "evaluator", "config": config, "info": info, "model": net.state_dict()}, path)
+    return net.eval(), info
+
+
+# -----------------------------------------------------------------------------
+# the built-in shapes: their generative factors are known, so samples can be checked against them
+
+SCORED_FACTORS = ["x", "y", "scale", "intensity"]  # rotation is left out: a circle has none to read
+
+
+def factor_scores(net, images, reference_factors):
+    """Do generated images have the factors of real ones? The evaluator reads the factors of each
+    image; per factor we report the W1 distance between those readings and the TRUE factors of
+    held-out images (in the factor's own units, e.g. x in [-0.4, 0.4]). The evaluator's own error
+    sets a floor: score real held-out images to see it. `clean_share` counts images that look like
+    one clean shape: the classifier is sure (confidence > 0.9) and most pixels (> 60%; the largest
+    shape covers ~28%) are background, within 0.1 of black (-1)."""
+    _, logits, predicted = evaluate(net, images)
+    columns = [FACTOR_NAMES.index(name) for name in SCORED_FACTORS]
+    w1 = wasserstein_1d(predicted[:, columns], reference_factors[:, columns])
+    confident = logits.softmax(1).amax(1) > 0.9
+    background = (images.cpu() < -0.9).flatten(1).float().mean(1) > 0.6
+    return {"factor_w1": dict(zip(SCORED_FACTORS, w1.tolist())), "factor_w1_mean": w1.mean().item(),
+            "clean_share": (confident & background).float().mean().item()}
+
+
+# -----------------------------------------------------------------------------
+# the complexity-motivated distance: best reconstruction error within decoder classes of growing width
+
+
+def capacity_curve(encode_fn, train_images, heldout_images, widths=(0.125, 0.25, 0.5, 1.0), steps=300,
+                   batch_size=32, lr=2e-3, seed=0, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+                   evaluator=None, heldout_factors=None, device="cpu"):
+    """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x)
+    back to x (L1 loss, AdamW, `steps` steps), then score it on held-out images. One row per width:
+      params       size of the probe: the complexity of the decoder class G
+      l1           mean |g(e(x)) - x| per pixel: the upper bound on D_G (W1 with the L1 ground cost,
+                   per pixel), as well as this budget of steps can find the best g in G
+      psnr         the same error in dB (on a [0, 1] scale), as train_ae.py prints it
+      swd          sliced Wasserstein between decoded and real held-out images: an unpaired d_F
+      fd           FD between the same two sets, when an evaluator is given
+      factor_w1_mean, clean_share   factor_scores of the decoded images, when heldout_factors is given
+    encode_fn maps a batch of images to latents (N, z, h, w); any function works, so a test can score
+    random noise or a damaged latent. Every width gets the same seed: the same data order. Prints each
+    row as it is done (the widest probe takes longest)."""
+    with torch.no_grad():  # the latent is frozen: encode every image once
+        z_train, z_heldout = [torch.cat([encode_fn(batch.to(device)).float() for batch in images.split(256)])
+                              for images in (train_images, heldout_images)]
+    # one number rescales the latent to unit variance, so an encoder is not judged on the size of its
+    # numbers but on how easily they decode (the prior sees it rescaled the same way: latent_scale)
+    scale = z_train.std()
+    z_train, z_heldout = z_train / scale, z_heldout / scale
+    train_images = train_images.to(device)
+    real_features = features(evaluator, heldout_images) if evaluator is not None else None
+    rows = []
+    for width in widths:
+        t0 = time.time()
+        torch.manual_seed(seed)  # the same initialisation stream and batches for every width
+        # the autoencoder's 1x1 post_quant_conv is left out: a linear map the first 3x3 conv absorbs
+        probe = Decoder(train_images.shape[1], ch, list(ch_mult), num_res_blocks, z_train.shape[1], 0.0, width).to(device)
+        out_shape = tuple(probe(z_train[:1]).shape[1:])
+        if out_shape != tuple(train_images.shape[1:]):
+            fail(f"a probe decoder with ch_mult {list(ch_mult)} turns {tuple(z_train.shape[1:])} latents into "
+                 f"{out_shape} images, not {tuple(train_images.shape[1:])}: use the autoencoder's ch_mult")
+        optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
+        order = torch.Generator().manual_seed(seed)
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, lr, steps // 10, steps, lr / 10)
+            idx = torch.randint(len(z_train), (batch_size,), generator=order)
+            loss = (probe(z_train[idx]) - train_images[idx]).abs().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        probe.eval()
+        with torch.no_grad():
+            recon = torch.cat([probe(z).clamp(-1, 1).cpu() for z in z_heldout.split(256)])
+        mse = ((recon - heldout_images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
+        row = {"width": width, "params": sum(p.numel() for p in probe.parameters()),
+               "l1": (recon - heldout_images).abs().mean().item(),
+               "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item(),
+               "swd": sliced_wasserstein(recon, heldout_images, seed=seed)}
+        if evaluator is not None:
+            row["fd"] = frechet_distance(features(evaluator, recon), real_features)
+        if evaluator is not None and heldout_factors is not None:
+            scores = factor_scores(evaluator, recon, heldout_factors)
+            row.update(factor_w1_mean=scores["factor_w1_mean"], clean_share=scores["clean_share"])
+        row["seconds"] = time.time() - t0
+        rows.append(row)
+        print(format_row(row))
+    return rows
+
+
+def format_row(row):
+    """One line of the table; '-' where a score was not computed (e.g. the real-image reference row)."""
+    cells = [f"{row['width']:>7}", f"{row.get('params', '-'):>8}"]
+    for key, fmt in (("l1", ".4f"), ("psnr", ".2f"), ("swd", ".4f"), ("fd", ".3f"), ("factor_w1_mean", ".4f"),
+                     ("clean_share", ".3f"), ("seconds", ".0f")):
+        cells.append(f"{format(row[key], fmt) if key in row else '-':>9}")
+    return " ".join(cells)
+
+
+# -----------------------------------------------------------------------------
+# the script: the capacity curve of one autoencoder's encoder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out_dir", default="out", help="where ae.pt is; evaluator.pt and distance.json go here")
+    parser.add_argument("--ae", default=None, help="autoencoder checkpoint to score (default: out_dir/ae.pt)")
+    parser.add_argument("--widths", default="0.125,0.25,0.5,1", help="probe decoder widths: the decoder classes G")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each probe decoder")
+    parser.add_argument("--batch_size", type=int, default=32, help="probe training batch")
+    parser.add_argument("--lr", type=float, default=2e-3, help="probe peak learning rate")
+    parser.add_argument("--num_train", type=int, default=20_000, help="training images the probes learn from")
+    parser.add_argument("--eval_steps", type=int, default=400, help="training steps of the evaluator")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the probes, the evaluator and the projections")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
+    args = parser.parse_args()
+    try:
+        widths = [float(w) for w in args.widths.split(",")]
+    except ValueError:
+        fail(f"--widths takes comma-separated numbers such as 0.25,0.5,1, got '{args.widths}'")
+    if min(widths) <= 0 or min(args.steps, args.batch_size, args.num_train, args.eval_steps) <= 0 or args.lr <= 0:
+        fail("--widths, --steps, --batch_size, --lr, --num_train and --eval_steps must be positive")
+    ae_path = args.ae or os.path.join(args.out_dir, "ae.pt")
+    check_out_dir(args.out_dir, True)  # evaluator.pt and the json go here, even with --ae elsewhere
+    make_ae = (f"python train_ae.py --stage 2 --out_dir {args.out_dir}` "
+               f"or `python train_ae.py --stage joint --out_dir {args.out_dir}")
+    state = load_checkpoint(ae_path, "autoencoder", make_ae)
+    c = state["config"]
+    # a stage-1 file holds the auxiliary decoder, whose width may differ: build that one to load it exactly
+    dec_width = c["aux_width"] if state.get("stage") == "1" else 1.0
+    ae = Autoencoder(state["image_shape"][0], c["ch"], c["ch_mult"], c["num_res_blocks"], c["z_channels"],
+                     dec_width=dec_width)
+    ae.load_state_dict(state["model"])
+    ae.to(args.device).eval().requires_grad_(False)  # frozen: only its encoder is used
+
+    train_set, heldout_set, image_shape, num_classes = get_dataset(c["data"], c["data_dir"], c["image_size"],
+                                                                   c["channels"], c["download"], c["data_seed"])
+    train_images, _, _ = load_split(train_set, args.num_train)
+    heldout_images, _, heldout_factors = load_split(heldout_set)
+    evaluator, info = get_evaluator(args.out_dir, train_set, heldout_set, image_shape, num_classes, c["data"],
+                                    args.device, steps=args.eval_steps, seed=args.seed)
+    print(f"evaluator: held-out accuracy {info['accuracy']:.3f}"
+          + "".join(f", R^2 {k} {v:.3f}" for k, v in info.get("factor_r2", {}).items()))
+    has_factors = heldout_factors.shape[1] > 0
+
+    # the floor of every unpaired score: real training images against real held-out images. A
+    # decoder that reproduced the data distribution exactly would score about this, not zero
+    real = train_images[:len(heldout_images)]
+    reference = {"width": "real", "swd": sliced_wasserstein(real, heldout_images, seed=args.seed),
+                 "fd": frechet_distance(features(evaluator, real), features(evaluator, heldout_images))}
+    if has_factors:
+        reference.update({k: v for k, v in factor_scores(evaluator, real, heldout_factors).items() if k != "factor_w1"})
+    print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): {args.steps} probe steps per width")
+    print(" ".join(f"{h:>{n}}" for h, n in (("width", 7), ("params", 8), ("L1 bound", 9), ("PSNR", 9), ("SWD", 9),
+                                             ("FD", 9), ("factorW1", 9), ("clean", 9), ("seconds", 9))))
+    print(format_row(reference))
+    # the latent: posterior means, the deterministic map e(x) the bound speaks of. With a small KL
+    # weight the posterior std is much smaller than the spread of the means (~1/7 on the default shapes)
+    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, heldout_images, widths, args.steps,
+                          args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
+                          evaluator, heldout_factors if has_factors else None, args.device)
+    # out_dir/distance.json for ae.pt; another checkpoint gets its own file, e.g. distance_ae_stage1.json
+    name = "" if args.ae is None else "_" + os.path.splitext(os.path.basename(args.ae))[0]
+    out_path = os.path.join(args.out_dir, f"distance{name}.json")
+    with open(out_path, "w") as f:
+        json.dump({"ae": ae_path, "ae_stage": state.get("stage"), "config": vars(args), "evaluator": info,
+                   "reference": reference, "rows": rows}, f, indent=2)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -325,7 +325,7 @@ def main():
     ae.to(args.device).eval().requires_grad_(False)  # frozen: only its encoder is used
 
     train_set, heldout_set, image_shape, num_classes = get_dataset(c["data"], c["data_dir"], c["image_size"],
-                                                                   c["channels"], c["download"], c["data_seed"])
+                                                                   c["channels"], c["download"], c.get("data_seed", 0))
     train_images, _, _ = load_split(train_set, args.num_train)
     heldout_images, _, heldout_factors = load_split(heldout_set)
     evaluator, info = get_evaluator(args.out_dir, train_set, heldout_set, image_shape, num_classes, c["data"],

@@ -142,7 +142,7 @@ if not args.eval:
 from distance import factor_scores, features, frechet_distance, get_evaluator, load_split  # noqa: E402
 
 train_set, heldout_set, image_shape, _ = get_dataset(c["data"], c["data_dir"], c["image_size"], c["channels"],
-                                                     c["download"], c["data_seed"])
+                                                     c["download"], c.get("data_seed", 0))
 heldout_images, _, heldout_factors = load_split(heldout_set)
 evaluator, info = get_evaluator(args.out_dir, train_set, heldout_set, image_shape, ae_state["num_classes"],
                                 c["data"], device, steps=args.eval_steps)

@@ -83,7 +83,10 @@ if args.lr <= 0 or args.min_lr < 0 or args.kl_weight < 0 or args.gan_weight < 0:
     fail("--lr must be positive and --min_lr, --kl_weight, --gan_weight not negative")
 if not (0 <= args.aux_dropout < 1 and 0 <= args.dropout < 1 and args.aux_width > 0):
     fail("dropouts must lie in [0, 1) and --aux_width must be positive")
-args.ch_mult = [int(m) for m in args.ch_mult.split(",")]
+try:  # "1,2,4" -> [1, 2, 4]: one entry per resolution level
+    args.ch_mult = [int(m) for m in args.ch_mult.split(",")]
+except ValueError:
+    fail(f"--ch_mult takes comma-separated whole numbers such as 1,2,4, got '{args.ch_mult}'")
 downsample = 2 ** (len(args.ch_mult) - 1)
 if args.image_size % downsample:
     fail(f"--image_size {args.image_size} is not divisible by the downsampling factor {downsample} of --ch_mult")

@@ -1,7 +1,7 @@
 """
 Sample images: noise -> DiT prior (DDIM or DDPM) -> latent -> autoencoder decoder -> picture.
 
-  python sample.py                                  # 64 samples, DDIM 50 steps, EMA weights -> out/samples.png
+  python sample.py                                  # 64 samples, DDIM 50 steps, CFG 2, EMA weights -> out/samples.png
   python sample.py --class_label 2 --cfg_scale 3    # only triangles, with classifier-free guidance
   python sample.py --sampler ddpm --steps 1000      # the ancestral sampler, all 1000 steps
   python sample.py --eval                           # 2,000 samples scored against held-out images -> out/metrics.json
@@ -30,7 +30,8 @@ parser.add_argument("--batch_size", type=int, default=256, help="images sampled 
 parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (few steps) or ancestral DDPM")
 parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 for DDIM; DDPM uses all 1000)")
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 stochastic like DDPM")
-parser.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+parser.add_argument("--cfg_scale", type=float, default=None,
+                    help="classifier-free guidance scale, 1 = off (default: 2 for a class-conditional prior, else 1)")
 parser.add_argument("--class_label", type=int, default=None, help="sample only this class (default: cycle through all)")
 parser.add_argument("--no_ema", action="store_true", help="use the raw prior weights instead of their EMA")
 parser.add_argument("--seed", type=int, default=0, help="seeds the starting noise")
@@ -46,7 +47,7 @@ if args.num_samples <= 0 or args.batch_size <= 0 or args.eval_steps <= 0:
     fail("--num_samples, --batch_size and --eval_steps must be positive")
 if args.eval and args.num_samples < 2:
     fail(f"--eval needs at least 2 samples to estimate a covariance, got {args.num_samples} (use 2000 or more)")
-if args.cfg_scale < 0:
+if args.cfg_scale is not None and args.cfg_scale < 0:
     fail(f"--cfg_scale must be 0 or more (1 = no guidance), got {args.cfg_scale}")
 if args.steps is None:
     args.steps = 50 if args.sampler == "ddim" else 1000
@@ -80,14 +81,18 @@ if prior_state["latent_shape"] != [c["z_channels"], side, side] or prior_state["
     fail(f"prior.pt was trained on latents of shape {prior_state['latent_shape']} (scale {prior_state['latent_scale']:.4f}), "
          f"not on this autoencoder's {[c['z_channels'], side, side]} (scale {ae_state['latent_scale']:.4f}): "
          f"retrain with python train_prior.py --out_dir {args.out_dir}")
+# the EMA weights by default: an average over the last ~1000 steps samples better than the last step's
 prior = DiT(**prior_state["dit_config"])
 prior.load_state_dict(prior_state["model" if args.no_ema else "ema"])
 prior.to(device).eval()  # important! eval mode: no label dropout, the labels we pass are the labels used
 num_classes, latent_scale = prior_state["num_classes"], prior_state["latent_scale"]
-if num_classes == 0 and (args.cfg_scale != 1.0 or args.class_label is not None):
+# guidance contrasts the conditional and the no-class prediction: an unconditional prior has only one
+if num_classes == 0 and (args.cfg_scale not in (None, 1.0) or args.class_label is not None):
     fail("this prior is unconditional: drop --cfg_scale and --class_label, or train without --unconditional")
 if args.class_label is not None and not 0 <= args.class_label < num_classes:
     fail(f"--class_label {args.class_label} is out of range: this prior knows classes 0..{num_classes - 1}")
+if args.cfg_scale is None:  # guided by default: scale 2 had the best FD in README's sweep (1 leaves blobs)
+    args.cfg_scale = 2.0 if num_classes else 1.0
 diffusion = GaussianDiffusion().to(device)
 
 
@@ -104,8 +109,11 @@ def generate(n, seed):
             y = torch.full((b,), args.class_label, device=device)
         else:  # cycle through the classes, so a grid shows each of them (and --eval gets balanced classes)
             y = (torch.arange(start, start + b, device=device) % num_classes)
+        # x_T ~ N(0, I): after 1000 noising steps the latent has forgotten the data (abar_T ~ 4e-5)
         noise = torch.randn((b, *prior_state["latent_shape"]), generator=g, device=device)
         with autocast:
+            # DDIM walks a 50-step subsequence of the 1000 training steps deterministically (eta 0);
+            # DDPM walks all 1000 with fresh noise each step: same model, 20x the cost
             if args.sampler == "ddim":
                 z = diffusion.ddim_sample(prior, noise, y, args.steps, args.eta, args.cfg_scale, num_classes, g)
             else:
@@ -121,9 +129,11 @@ def decode(z):
         return torch.cat([ae.decode(part.to(device)).float().clamp(-1, 1).cpu() for part in z.split(args.batch_size)])
 
 
+# time the whole path (prior + decoder): images/s in the log is what a user of the model gets
 t0 = time.time()
 samples = generate(args.num_samples, args.seed)
 elapsed = time.time() - t0
+# the grid is for eyes (8 x 8 at most); numbers come from --eval, files for other tools from --save_npz
 save_grid(samples[:64], output, nrow=8)  # a grid shows at most 64; --save_npz keeps them all
 print(f"wrote {min(64, len(samples))} of {len(samples)} samples ({args.sampler}, {args.steps} steps, cfg {args.cfg_scale}) "
       f"to {output} in {elapsed:.1f}s, {len(samples) / elapsed:.1f} images/s")
@@ -139,7 +149,7 @@ if not args.eval:
 # --eval: how close are the samples to held-out images, next to the references that put the number
 # in context. FD here is measured in the 128-d features of distance.py's evaluator CNN (trained on
 # this dataset's training split, offline): it is not FID, and only comparable under the same evaluator.
-from distance import factor_scores, features, frechet_distance, get_evaluator, load_split  # noqa: E402
+from distance import evaluate, factor_scores, features, frechet_distance, get_evaluator, load_split  # noqa: E402
 
 train_set, heldout_set, image_shape, _ = get_dataset(c["data"], c["data_dir"], c["image_size"], c["channels"],
                                                      c["download"], c.get("data_seed", 0))
@@ -147,8 +157,10 @@ heldout_images, _, heldout_factors = load_split(heldout_set)
 evaluator, info = get_evaluator(args.out_dir, train_set, heldout_set, image_shape, ae_state["num_classes"],
                                 c["data"], device, steps=args.eval_steps)
 n = args.num_samples
+# every row below is compared with the same held-out features, so the rows are comparable with each other
 real_images = load_split(train_set, n)[0]  # N training images: the floor any generator could hope for
 with torch.no_grad():
+    # reconstructions of held-out images: the best the decoder can do, whatever the prior; FD above it is the prior's
     recons = decode(torch.cat([ae.encode(x.to(device))[0].float() for x in heldout_images.split(args.batch_size)]))
     # the trivial prior the DiT must beat: one Gaussian (mean, full covariance) fitted to the latents
     latents = load_checkpoint(os.path.join(args.out_dir, "latents.pt"), "latents",
@@ -180,6 +192,10 @@ print(f"{'':18}{'images':>8}{'FD':>9}" + (f"{'factorW1':>10}{'clean':>8}" if fac
 for name, row in scores.items():
     print(f"{name:18}{row['count']:>8}{row['fd']:>9.3f}"
           + (f"{row['factor_w1_mean']:>10.4f}{row['clean_share']:>8.3f}" if factor_cols else ""))
+if num_classes:  # a conditional prior: does the evaluator see the class each sample was asked for?
+    asked = torch.arange(n) % num_classes if args.class_label is None else torch.full((n,), args.class_label)
+    metrics["class_match"] = (evaluate(evaluator, samples)[1].argmax(1) == asked).float().mean().item()
+    print(f"the evaluator sees the requested class in {metrics['class_match']:.1%} of the DiT samples")
 with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
 print(f"wrote {os.path.join(args.out_dir, 'metrics.json')}")

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-
 import data
 import distance
 from model import Attention, Autoencoder, Decoder, DiT, DiTBlock, GaussianDiffusion
@@ -116,10 +115,10 @@ def test_two_stage_dae_end_to_end(pipeline):
     assert z.std().item() == pytest.approx(1.0, rel=0.05)  # the whole training set, in order, scaled to unit variance
     assert final["latent_scale"] == latents["latent_scale"] and math.isfinite(final["heldout_psnr"])
 def test_joint_baseline_runs_downstream_and_nan_loss_stops(tmp_path):
-    out = tmp_path
-    run("train_ae.py", "--stage", "joint", "--out_dir", out, *TINY_AE)
+    run("train_ae.py", "--stage", "joint", "--out_dir", out := tmp_path, *TINY_AE, "--dtype", "bfloat16")  # cpu autocast
     assert load(out, "ae.pt")["stage"] == "joint" and "latent_scale" in load(out, "ae.pt")
-    run("train_prior.py", "--out_dir", out, *TINY_PRIOR)  # downstream runs unchanged on it
+    run("train_prior.py", "--out_dir", out, *TINY_PRIOR, "--compile", "--dtype", "bfloat16")  # the GPU paths, on cpu
+    assert not any("_orig_mod" in k for k in load(out, "prior.pt")["model"])  # saved: the plain module, loadable
     run("sample.py", "--out_dir", out, "--num_samples", "2", "--steps", "2")
     # a loss that turns NaN stops the run in one line and keeps the last good checkpoint
     blow_up = ["--lr", "1e30", "--warmup_iters", "1", "--grad_clip", "0", "--max_iters", "20", "--ckpt_interval", "1"]
@@ -392,6 +391,7 @@ def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
     assert metrics["num_samples"] == 64 and metrics["scores"]["DiT samples"]["count"] == 64
     assert 0 <= metrics["fd_real"] < metrics["fd"] and metrics["fd_recon"] > 0 and metrics["fd_gaussian"] > 0
     assert 0 <= metrics["evaluator"]["accuracy"] <= 1 and "clean_share" in metrics["scores"]["DiT samples"]
+    assert metrics["sampler"]["cfg_scale"] == 2.0 and 0 <= metrics["class_match"] <= 1  # guided by default
     proc = run("distance.py", "--out_dir", out, "--widths", "0.25,1", "--steps", 5, "--num_train", 256, "--eval_steps", 30)
     assert "training the evaluator" not in proc.stdout  # the cached evaluator of --eval is reused
     rows = json.load(open(os.path.join(out, "distance.json")))["rows"]

@@ -69,6 +69,8 @@ parser.add_argument("--out_dir", default="out", help="where checkpoints, latents
 parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for cuda)")
+parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="compute precision, through autocast (default: bfloat16 on cuda, float32 elsewhere)")
 parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
 parser.add_argument("--log_interval", type=int, default=50, help="steps between log lines")
 parser.add_argument("--ckpt_interval", type=int, default=250, help="steps between checkpoints")
@@ -97,8 +99,11 @@ rank, world_size, device = setup_distributed(args.device)
 master_process = rank == 0  # only rank 0 prints and writes files
 check_out_dir(args.out_dir, master_process)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-# bf16 autocast on GPUs (no GradScaler needed, unlike fp16); plain float32 on cpu, bit-reproducible
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext()
+# bf16 autocast: matmuls in bfloat16, weights and optimizer state stay float32, and unlike fp16 no
+# GradScaler is needed. Default on GPUs; on cpu float32 (bit-reproducible), and --dtype bfloat16 pays
+# off on CPUs with native bf16 (AVX512-BF16, AMX): see the benchmark in README.md
+args.dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 train_set, heldout_set, image_shape, num_classes = get_dataset(args.data, args.data_dir, args.image_size,
@@ -146,6 +151,8 @@ if args.gan_weight > 0:
         nn.Conv2d(c, w, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(w, 2 * w, 4, 2, 1), nn.GroupNorm(32, 2 * w),
         nn.LeakyReLU(0.2), nn.Conv2d(2 * w, 1, 3, 1, 1)).to(device)  # (N, 1, H/4, W/4) patch scores
 
+# only what this stage trains goes to the optimizer: in stage 2 the frozen encoder gets no moments
+# (and no weight updates), so the latent the prior will see stays exactly the stage-1 latent
 trainable = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 opt_disc = torch.optim.AdamW(discriminator.parameters(), lr=args.lr, betas=(0.5, 0.9)) if discriminator else None
@@ -197,6 +204,7 @@ def checkpoint(step):
 
 
 def recon_loss(x, recon):
+    # L1 (the default) keeps edges sharper than MSE, which averages a blurry edge into a cheap compromise
     return (x - recon).abs().mean() if args.recon_loss == "l1" else F.mse_loss(recon, x)
 
 
@@ -218,6 +226,8 @@ try:
             group["lr"] = lr
         x = x.to(device, non_blocking=True)
         with autocast:
+            # model(x) encodes, draws z = mean + std * noise (the reparameterisation trick, so the
+            # gradient reaches the encoder) and decodes; kl is the mean KL per latent element
             recon, kl = model(x)
             rec = recon_loss(x, recon.float())
             loss = rec + args.kl_weight * kl
@@ -228,7 +238,7 @@ try:
             fail(f"loss became {loss.item()} at step {step}; the last good checkpoint is kept at {ckpt_path}: "
                  f"lower --lr (now {args.lr}) and resume with --resume")
         loss.backward()
-        if args.grad_clip > 0:
+        if args.grad_clip > 0:  # one bad batch early in training must not blow up the GroupNorm statistics
             torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -290,6 +300,7 @@ with torch.no_grad():
     mean, std, _ = encode_all(heldout_set)
     images = torch.stack([heldout_set[i][0] for i in range(len(heldout_set))])
     recons = torch.cat([raw_model.decode(m.to(device)).float().cpu() for m in mean.split(256)])
+    # PSNR from the posterior mean (no sampling noise), so two runs compare the decoders, not the dice
     mse = ((recons.clamp(-1, 1) - images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
     psnr = (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
     pairs = torch.stack([images[:32], recons[:32]], dim=1).flatten(0, 1)  # original, reconstruction, ...

@@ -49,6 +49,8 @@ parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (w
 parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for cuda)")
+parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="compute precision, through autocast (default: bfloat16 on cuda, float32 elsewhere)")
 parser.add_argument("--log_interval", type=int, default=100, help="steps between log lines")
 parser.add_argument("--ckpt_interval", type=int, default=500, help="steps between checkpoints")
 parser.add_argument("--sample_interval", type=int, default=1000, help="steps between sample grids (0 = only at the end)")
@@ -70,8 +72,11 @@ rank, world_size, device = setup_distributed(args.device)
 master_process = rank == 0  # only rank 0 prints and writes files
 check_out_dir(args.out_dir, master_process)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-# bf16 autocast on GPUs (no GradScaler needed, unlike fp16); plain float32 on cpu, bit-reproducible
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext()
+# bf16 autocast: matmuls in bfloat16, weights and optimizer state stay float32, and unlike fp16 no
+# GradScaler is needed. Default on GPUs; on cpu float32 (bit-reproducible), and --dtype bfloat16 pays
+# off on CPUs with native bf16 (AVX512-BF16, AMX): see the benchmark in README.md
+args.dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 # the latents: posterior means and stds of the whole training set, written once by train_ae.py

@@ -17,7 +17,6 @@ encoder toward a latent that is simple for the prior to model. The strong decode
 buys back reconstruction detail without changing the latent.
 """
 import argparse
-import contextlib
 import os
 import time
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (checksum, check_out_dir, fail, get_dataset, get_lr, load_checkpoint, make_loader, save_checkpoint,
-                  save_grid, setup_distributed)
+                  precision, save_grid, setup_distributed)
 from model import Autoencoder
 
 # -----------------------------------------------------------------------------
@@ -99,12 +98,7 @@ rank, world_size, device = setup_distributed(args.device)
 master_process = rank == 0  # only rank 0 prints and writes files
 check_out_dir(args.out_dir, master_process)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-# bf16 autocast: matmuls in bfloat16, weights and optimizer state stay float32, and unlike fp16 no
-# GradScaler is needed. Default on GPUs; on cpu float32 (bit-reproducible), and --dtype bfloat16 pays
-# off on CPUs with native bf16 (AVX512-BF16, AMX): see the benchmark in README.md
-args.dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
-autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+args.dtype, autocast = precision(device, args.dtype)  # bf16 autocast on GPUs, float32 on cpu unless asked
 
 train_set, heldout_set, image_shape, num_classes = get_dataset(args.data, args.data_dir, args.image_size,
                                                                args.channels, args.download, args.data_seed)

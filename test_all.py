@@ -214,13 +214,13 @@ def test_resume_after_sigkill_is_exact(case, pipeline, tmp_path):
         assert same({**once, "config": 0}, {**load(dirs[1], ckpt), "config": 0})
 def test_ctrl_c_saves_and_says_how_to_resume(pipeline, tmp_path):
     shutil.copy(os.path.join(pipeline, "latents.pt"), tmp_path)
-    proc = subprocess.Popen(command("train_prior.py", "--out_dir", tmp_path, *TINY_PRIOR[2:], "--max_iters", "100000",
-                                    "--ckpt_interval", "20"), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command("train_prior.py", "--out_dir", tmp_path, *TINY_PRIOR[2:], "--max_iters", "100000"),
+                            stdout=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not os.path.exists(os.path.join(tmp_path, "prior.pt")):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C (reset to default above: a background CI shell may ignore it)
     stdout, step = proc.communicate(timeout=60)[0], load(tmp_path, "prior.pt")["step"]
-    assert proc.returncode == 130 and step >= 20 and f"saved step {step} " in stdout and "--resume" in stdout
+    assert proc.returncode == 130 and step >= 2 and f"saved step {step} " in stdout and "--resume" in stdout
 @pytest.mark.parametrize("script", ["train_ae.py", "train_prior.py"])
 def test_torchrun_two_processes(script, pipeline, tmp_path):
     args = ["--stage", "1", *TINY_AE] if script == "train_ae.py" else TINY_PRIOR

@@ -91,7 +91,7 @@ if num_classes == 0 and (args.cfg_scale not in (None, 1.0) or args.class_label i
     fail("this prior is unconditional: drop --cfg_scale and --class_label, or train without --unconditional")
 if args.class_label is not None and not 0 <= args.class_label < num_classes:
     fail(f"--class_label {args.class_label} is out of range: this prior knows classes 0..{num_classes - 1}")
-if args.cfg_scale is None:  # guided by default: scale 2 had the best FD in README's sweep (1 leaves blobs)
+if args.cfg_scale is None:  # guided by default: README's sweep gave FD 27.2 at scale 1, 18.6 at 2, 28.2 at 3
     args.cfg_scale = 2.0 if num_classes else 1.0
 diffusion = GaussianDiffusion().to(device)
 
@@ -112,8 +112,8 @@ def generate(n, seed):
         # x_T ~ N(0, I): after 1000 noising steps the latent has forgotten the data (abar_T ~ 4e-5)
         noise = torch.randn((b, *prior_state["latent_shape"]), generator=g, device=device)
         with autocast:
-            # DDIM walks a 50-step subsequence of the 1000 training steps deterministically (eta 0);
-            # DDPM walks all 1000 with fresh noise each step: same model, 20x the cost
+            # DDIM walks a --steps subsequence (50) of the 1000 training steps, deterministic at eta 0;
+            # DDPM walks all 1000 with fresh noise each step: the same model, 20x the network calls
             if args.sampler == "ddim":
                 z = diffusion.ddim_sample(prior, noise, y, args.steps, args.eta, args.cfg_scale, num_classes, g)
             else:
@@ -133,7 +133,6 @@ def decode(z):
 t0 = time.time()
 samples = generate(args.num_samples, args.seed)
 elapsed = time.time() - t0
-# the grid is for eyes (8 x 8 at most); numbers come from --eval, files for other tools from --save_npz
 save_grid(samples[:64], output, nrow=8)  # a grid shows at most 64; --save_npz keeps them all
 print(f"wrote {min(64, len(samples))} of {len(samples)} samples ({args.sampler}, {args.steps} steps, cfg {args.cfg_scale}) "
       f"to {output} in {elapsed:.1f}s, {len(samples) / elapsed:.1f} images/s")

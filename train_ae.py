@@ -233,7 +233,7 @@ try:
             fail(f"loss became {loss.item()} at step {step}; the last good checkpoint is kept at {ckpt_path}: "
                  f"lower --lr (now {args.lr}) and resume with --resume")
         loss.backward()
-        if args.grad_clip > 0:  # one bad batch early in training must not blow up the GroupNorm statistics
+        if args.grad_clip > 0:  # a rare huge gradient early in training (lr near its peak) must not wreck the weights
             torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

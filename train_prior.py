@@ -93,6 +93,7 @@ dit_config = dict(input_size=latent_shape[1], patch_size=args.patch_size, in_cha
 # learn_sigma=False: we train only the noise (the simple loss); DDIM and our DDPM need no learned variance
 model = DiT(**dit_config).to(device)
 ema = copy.deepcopy(model).requires_grad_(False)  # the averaged weights that sample well
+ema_params, model_params = list(ema.parameters()), list(model.parameters())
 diffusion = GaussianDiffusion().to(device)
 # fused AdamW does the whole update in one kernel per device (on cpu too)
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
@@ -193,14 +194,13 @@ try:
                 loss.backward()
             loss_sum += loss.detach().float()
         if args.grad_clip > 0:  # a rare huge gradient (a t near 0 with a bad draw) must not wreck the weights
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # EMA with warm-up: early on the average follows the weights closely, so short runs sample well
         decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_p, p in zip(ema.parameters(), raw_model.parameters()):
-                ema_p.lerp_(p, 1 - decay)
+        with torch.no_grad():  # ema += (1 - decay) (weights - ema), all tensors in one call
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         step += 1
         logged += 1
         if step % args.log_interval == 0 or step == args.max_iters:

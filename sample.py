@@ -173,7 +173,11 @@ real_features = features(evaluator, heldout_images)
 rows = {"DiT samples": samples, "Gaussian prior": gaussian_images, "reconstructions": recons, "real (train)": real_images}
 scores = {}
 for name, images in rows.items():
-    scores[name] = {"fd": frechet_distance(features(evaluator, images), real_features), "count": len(images)}
+    feats = features(evaluator, images)
+    # FD = ||mean_a - mean_b||^2 + a covariance term; the mean term alone moves when, e.g., one class is
+    # drawn more often than the others, so it is reported too (the covariance term is the difference)
+    scores[name] = {"fd": frechet_distance(feats, real_features), "count": len(images),
+                    "fd_mean_term": (feats.mean(0) - real_features.mean(0)).double().pow(2).sum().item()}
     if heldout_factors.shape[1]:  # the built-in shapes: do the images have the factors real shapes have?
         scores[name].update(factor_scores(evaluator, images, heldout_factors))
 metrics = {"fd": scores["DiT samples"]["fd"], "fd_gaussian": scores["Gaussian prior"]["fd"],
@@ -187,14 +191,17 @@ metrics = {"fd": scores["DiT samples"]["fd"], "fd_gaussian": scores["Gaussian pr
 print(f"\nFD in the evaluator's 128-d features (held-out accuracy {info['accuracy']:.3f}), "
       f"each row against the {len(heldout_images)} held-out images")
 factor_cols = heldout_factors.shape[1] > 0
-print(f"{'':18}{'images':>8}{'FD':>9}" + (f"{'factorW1':>10}{'clean':>8}" if factor_cols else ""))
+print(f"{'':18}{'images':>8}{'FD':>9}{'(means)':>9}" + (f"{'factorW1':>10}{'clean':>8}" if factor_cols else ""))
 for name, row in scores.items():
-    print(f"{name:18}{row['count']:>8}{row['fd']:>9.3f}"
+    print(f"{name:18}{row['count']:>8}{row['fd']:>9.3f}{row['fd_mean_term']:>9.3f}"
           + (f"{row['factor_w1_mean']:>10.4f}{row['clean_share']:>8.3f}" if factor_cols else ""))
 if num_classes:  # a conditional prior: does the evaluator see the class each sample was asked for?
     asked = torch.arange(n) % num_classes if args.class_label is None else torch.full((n,), args.class_label)
-    metrics["class_match"] = (evaluate(evaluator, samples)[1].argmax(1) == asked).float().mean().item()
-    print(f"the evaluator sees the requested class in {metrics['class_match']:.1%} of the DiT samples")
+    seen = evaluate(evaluator, samples)[1].argmax(1)
+    metrics["class_match"] = (seen == asked).float().mean().item()
+    metrics["class_shares"] = (torch.bincount(seen, minlength=num_classes) / n).tolist()  # as the evaluator sees them
+    print(f"the evaluator sees the requested class in {metrics['class_match']:.1%} of the DiT samples; "
+          f"it sees the classes in the shares {', '.join(f'{share:.2f}' for share in metrics['class_shares'])}")
 with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
 print(f"wrote {os.path.join(args.out_dir, 'metrics.json')}")

@@ -276,8 +276,7 @@ def test_dit_state_dict_matches_the_original_layout():
     pe = dit.pos_embed[0]  # fixed: the first half of the features encodes the column, the second half the row
     assert torch.allclose(pe[1, :D // 4], torch.sin(torch.ones(D // 4) / 10000 ** (torch.arange(D // 4) / (D / 4))))
     assert torch.equal(pe[0, D // 2:], pe[1, D // 2:]) and not torch.equal(pe[0, D // 2:], pe[4, D // 2:])
-    with pytest.raises(ValueError, match="square"):
-        DiT(input_size=(8, 4), patch_size=2)
+    with pytest.raises(ValueError, match="square"): DiT(input_size=(8, 4), patch_size=2)  # noqa: E701
 def test_patchify_unpatchify_round_trip():
     dit, x = small_dit(), torch.randn(3, 4, 8, 8)
     assert torch.equal(dit.unpatchify(rearrange(x, "n c (h p) (w q) -> n (h w) (p q c)", p=2, q=2)), x)
@@ -290,9 +289,10 @@ def test_adaln_zero_block_starts_as_identity_and_dit_outputs_zero():
     [torch.nn.init.zeros_(p) for p in block.adaLN_modulation[-1].parameters()]  # adaLN-Zero
     assert torch.equal(block(x, torch.randn(2, 64)), x)
     assert torch.equal(small_dit()(torch.randn(2, 4, 8, 8), torch.tensor([3, 5]), torch.tensor([0, 1])), torch.zeros(2, 4, 8, 8))
-def test_dit_output_depends_on_t_and_y():
+def test_dit_output_depends_on_t_and_y_and_compiles_to_the_same_function():
     dit, x, t, y = small_dit(True).eval(), torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.tensor([0, 0])
     out = dit(x, t, y)
+    assert torch.allclose(torch.compile(dit)(x, t, y), out, atol=1e-5)  # compiled, GELU takes its sigmoid form
     assert not torch.allclose(out, dit(x, t + 490, y)) and not torch.allclose(out, dit(x, t, y + 1))
     assert torch.equal(out, dit(x, t, y))  # eval: no label dropout
     dit.y_embedder.dropout_prob = 1.0  # training with certain dropout: every label becomes "no class"

@@ -198,7 +198,7 @@ class Attention(nn.Module):
 
 class GELU(nn.GELU):
     """DiT's GELU, tanh approximation. Compiled, it is written as x * sigmoid(2u), the same function
-    (0.5 (1 + tanh u) = sigmoid(2u)), for which inductor makes ~2x faster cpu code (README: "DiT speed")."""
+    (0.5 (1 + tanh u) = sigmoid(2u)), for which inductor makes faster cpu code (README: "DiT speed")."""
     def forward(self, x):
         if not torch.compiler.is_compiling():  # eager: PyTorch's own fused GELU kernel is the fastest
             return super().forward(x)
@@ -279,7 +279,7 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, (input_size // patch_size) ** 2, hidden_size), False)  # fixed
+        self.pos_embed = nn.Parameter(torch.zeros(1, (input_size // patch_size) ** 2, hidden_size), False)  # no grad
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()

@@ -1,28 +1,20 @@
 """
-Data and disk plumbing shared by the scripts: datasets, the step-indexed batch sampler that shards
-batches across DDP ranks, checkpoint files, the learning-rate schedule and image grids.
+The data: the datasets, and the step-indexed batch sampler that shards batches across DDP ranks.
 
 Datasets (every item is `(image, label, factors)`, image a float tensor in [-1, 1] of shape (C, H, W)):
   shapes   built in, no files: anti-aliased circles, squares and triangles with known generative
            factors (position x/y, scale, rotation, intensity), so evaluation can compare against them
   mnist    torchvision MNIST from files you already have in --data_dir (or opt in with --download)
   cifar10  torchvision CIFAR-10, the same way
-  folder   any directory of images, one sub-folder per class (torchvision ImageFolder)
+  folder   any directory of images: one sub-folder per class (torchvision ImageFolder), or the
+           images themselves with no sub-folders (one unlabelled class)
 """
-import contextlib
 import math
 import os
 
 import torch
 
-# -----------------------------------------------------------------------------
-# errors a user can cause end in one line, never a traceback
-
-
-def fail(message):
-    """Stop the script with a one-line message that names the problem and the fix (exit code 1)."""
-    raise SystemExit(f"error: {message}")
-
+from plumbing import fail
 
 # -----------------------------------------------------------------------------
 # the built-in dataset: procedural shapes
@@ -100,6 +92,39 @@ class WithFactors(torch.utils.data.Dataset):
         return image, torch.tensor(label), torch.zeros(0)
 
 
+class FlatImageFolder(torch.utils.data.Dataset):
+    """The images of one directory, no sub-folders: the usual layout of a user's own pictures. They
+    are one unlabelled class (label 0), so the prior trained on them is unconditional."""
+
+    def __init__(self, root, transform):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+        self.paths = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS))
+        self.transform, self.loader, self.classes = transform, default_loader, ["images"]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(self.loader(self.paths[i])), 0
+
+
+def image_folder(data_dir, transform):
+    """--data folder: one sub-folder per class if there are any (torchvision's ImageFolder), else the
+    images in data_dir itself as one class. Returns (dataset, the layout found, in words)."""
+    import torchvision
+    if not os.path.isdir(data_dir):
+        fail(f"--data_dir {data_dir} is not a directory: point it at a folder of images (or of class sub-folders)")
+    try:
+        full = torchvision.datasets.ImageFolder(data_dir, transform=transform)
+        return full, f"{len(full.classes)} classes, one per sub-folder"
+    except (FileNotFoundError, RuntimeError):  # no sub-folder holds an image: look at the folder itself
+        flat = FlatImageFolder(data_dir, transform)
+        if not flat.paths:
+            fail(f"no images found in {data_dir} or its sub-folders: add .png/.jpg files, "
+                 f"in one sub-folder per class or all in the folder itself")
+        return flat, "no class sub-folders: one unlabelled class (the prior will be unconditional)"
+
+
 def get_dataset(name, data_dir="data", image_size=32, channels=3, download=False, seed=0):
     """Returns (train set, held-out set, image shape (C, H, W), number of classes)."""
     if name == "shapes":
@@ -116,14 +141,11 @@ def get_dataset(name, data_dir="data", image_size=32, channels=3, download=False
                            T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)])
     shape = (channels, image_size, image_size)
     if name == "folder":
-        if not os.path.isdir(data_dir):
-            fail(f"--data_dir {data_dir} is not a directory: point it at a folder of class sub-folders of images")
-        try:
-            full = torchvision.datasets.ImageFolder(data_dir, transform=to_tensor)
-        except (FileNotFoundError, RuntimeError) as e:
-            fail(f"no images found under {data_dir} ({str(e).splitlines()[0]}): use one sub-folder per class")
+        full, layout = image_folder(data_dir, to_tensor)
         if len(full) < 2:
             fail(f"{data_dir} holds {len(full)} image(s): the folder dataset needs at least 2")
+        if int(os.environ.get("RANK", 0)) == 0:  # said once, not by every DDP process
+            print(f"--data folder {data_dir}: {len(full)} images, {layout}")
         # a fixed 10 % of the images (at least one) is held out, the same ones on every run
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
         n_held = max(1, len(full) // 10)
@@ -176,91 +198,3 @@ def make_loader(dataset, batch_size, seed, start_step, max_steps, rank=0, world_
     sampler = StepSampler(len(dataset), batch_size, seed, start_step, max_steps, rank, world_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available())
-
-
-# -----------------------------------------------------------------------------
-# processes: one per device, launched by torchrun (which sets RANK) or a plain single process
-
-
-def setup_distributed(device):
-    """Returns (rank, world_size, device). Under torchrun, joins the process group and picks this
-    rank's GPU; otherwise rank 0 of 1 on the requested device."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 1, device
-    backend = "nccl" if device.startswith("cuda") else "gloo"  # gloo runs the same code on cpu
-    torch.distributed.init_process_group(backend=backend)
-    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    return rank, world_size, device
-
-
-def precision(device, dtype=None):
-    """--dtype -> (dtype name, autocast context to wrap forward passes in). bf16 autocast runs matmuls
-    and convolutions in bfloat16 while weights and optimizer state stay float32, and unlike fp16 it
-    needs no GradScaler. Default on GPUs; on cpu float32 (bit-reproducible), but --dtype bfloat16 pays
-    off on CPUs with native bf16 (AVX512-BF16, AMX): see the DiT benchmark in README.md."""
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on Ampere+: TF32
-    if dtype == "float32":
-        return dtype, contextlib.nullcontext()
-    return dtype, torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: plain tensors and Python values only, written atomically, loaded with weights_only
-
-
-def save_checkpoint(state, path):
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
-
-
-def load_checkpoint(path, kind, make_it):
-    """Load a checkpoint of the given kind ('autoencoder', 'prior', 'latents', ...), or fail in one
-    line that says what is wrong and which command (`make_it`) writes a good one.
-    weights_only=True means the file can hold tensors and plain values but never code to execute."""
-    if not os.path.isfile(path):
-        fail(f"{path} not found: run `{make_it}` first")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupted, or not a torch file at all
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}): rerun `{make_it}` to rewrite it")
-    if not isinstance(state, dict) or state.get("kind") != kind:
-        found = state.get("kind", "unknown") if isinstance(state, dict) else type(state).__name__
-        fail(f"{path} holds a '{found}' checkpoint where a '{kind}' one is expected: run `{make_it}`")
-    return state
-
-
-def check_out_dir(out_dir, master_process):
-    """The output directory must be a directory (made if missing), never an existing file."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        fail(f"--out_dir {out_dir} is a file: pass a directory")
-    if master_process:
-        os.makedirs(out_dir, exist_ok=True)
-
-
-# -----------------------------------------------------------------------------
-# small shared helpers
-
-
-def get_lr(step, lr, warmup_iters, max_iters, min_lr):
-    """Linear warm-up to lr, then cosine decay to min_lr at max_iters (as in nanoGPT)."""
-    if step < warmup_iters:
-        return lr * (step + 1) / warmup_iters
-    progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def checksum(module):
-    """Sum of every parameter in float64: equal on two DDP ranks only if their weights are equal."""
-    return sum(p.detach().double().sum() for p in module.parameters()).item()
-
-
-def save_grid(images, path, nrow=8):
-    """Save images in [-1, 1] of shape (N, C, H, W) as one PNG grid."""
-    from torchvision.utils import save_image  # torchvision only when a picture is written
-    save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)

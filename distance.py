@@ -15,9 +15,8 @@ with G = the weak auxiliary decoder class. `capacity_curve` estimates the bound 
 fresh probe decoders of growing width, trained on the frozen latent. A latent that is simple for a
 generator keeps its error low even for the thinnest probe.
 
-The other scores need no downloads: FD is the Frechet Distance in the feature space of a small CNN
-(the "evaluator") that we train here once, deterministically, on the training split. It is not FID
-(no Inception network), so FD numbers are only comparable between runs scored by the same evaluator.pt.
+The other scores need no downloads: FD is the Frechet Distance in the features of a small CNN (the
+"evaluator") trained here once, deterministically: not FID, and only comparable under the same evaluator.
 """
 import argparse
 import json
@@ -29,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import FACTOR_NAMES, check_out_dir, fail, get_dataset, get_lr, load_checkpoint, save_checkpoint
-from model import Autoencoder, Decoder
+from data import FACTOR_NAMES, get_dataset
+from model import Decoder
+from plumbing import (HelpFormatter, check_device, check_out_dir, command, fail, get_lr, load_autoencoder,
+                      load_checkpoint, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # distances between two sets of samples
@@ -68,19 +69,6 @@ def wasserstein_1d(a, b):
     quantiles_a = a.double().sort(0).values[(levels * len(a)).long()]
     quantiles_b = b.double().sort(0).values[(levels * len(b)).long()]
     return (quantiles_a - quantiles_b).abs().mean(0)
-
-
-def sliced_wasserstein(a, b, num_projections=256, seed=0):
-    """Sliced W1 between two image sets, in pixel space: the mean W1 of their 1-D projections on
-    random unit directions. Unpaired (it never matches image i to image i) and needs no features; the
-    seed fixes the directions, so two calls with the same seed compare like with like."""
-    a, b = a.detach().cpu().flatten(1).double(), b.detach().cpu().flatten(1).double()
-    if a.shape[1] != b.shape[1]:
-        fail(f"sliced Wasserstein needs images of the same size, got {a.shape[1]} and {b.shape[1]} values")
-    directions = torch.randn(a.shape[1], num_projections, dtype=torch.float64,
-                             generator=torch.Generator().manual_seed(seed))
-    directions /= directions.norm(dim=0, keepdim=True)
-    return wasserstein_1d(a @ directions, b @ directions).mean().item()
 
 
 # -----------------------------------------------------------------------------
@@ -167,16 +155,18 @@ def train_evaluator(train, heldout, image_shape, num_classes, steps=400, batch_s
     return net, info
 
 
-def get_evaluator(out_dir, train_set, heldout_set, image_shape, num_classes, dataset_name, device="cpu",
+def get_evaluator(out_dir, train_set, heldout_set, image_shape, num_classes, data_config, device="cpu",
                   steps=400, seed=0):
-    """The evaluator cached in out_dir/evaluator.pt, trained first when missing or made for other data.
+    """The evaluator cached in out_dir/evaluator.pt, retrained when its key differs: everything it depends on,
+    the data (`data_config`: the autoencoder's data options), the training images, its steps and seed.
     Returns (net in eval mode, info: accuracy, factor_r2 on the shapes data, config)."""
     path = os.path.join(out_dir, "evaluator.pt")
     num_factors = train_set[0][2].numel()
-    config = {"data": dataset_name, "image_shape": list(image_shape), "num_classes": num_classes,
+    config = {**{k: data_config.get(k) for k in ("data", "data_dir", "data_seed", "image_size", "channels")},
+              "num_train": min(len(train_set), 20_000), "image_shape": list(image_shape), "num_classes": num_classes,
               "num_factors": num_factors, "steps": steps, "seed": seed}
     if os.path.isfile(path):
-        state = load_checkpoint(path, "evaluator", f"rm {path}; python distance.py --out_dir {out_dir}")
+        state = load_checkpoint(path, "evaluator", f"rm {path} && " + command("distance.py", "--out_dir", out_dir))
         if state["config"] == config:
             net = Evaluator(image_shape[0], image_shape[1], num_classes, num_factors)
             net.load_state_dict(state["model"])
@@ -197,12 +187,10 @@ SCORED_FACTORS = ["x", "y", "scale", "intensity"]  # rotation is left out: a cir
 
 
 def factor_scores(net, images, reference_factors):
-    """Do generated images have the factors of real ones? The evaluator reads the factors of each
-    image; per factor we report the W1 distance between those readings and the TRUE factors of
-    held-out images (in the factor's own units, e.g. x in [-0.4, 0.4]). The evaluator's own error
-    sets a floor: score real held-out images to see it. `clean_share` counts images that look like
-    one clean shape: the classifier is sure (confidence > 0.9) and most pixels (> 60%; the largest
-    shape covers ~28%) are background, within 0.1 of black (-1)."""
+    """Do generated images have the factors of real ones? Per factor, the W1 distance between the factors
+    the evaluator reads off the images and the TRUE factors of held-out images (in the factor's units; the
+    evaluator's own error sets a floor). `clean_share`: images that look like one clean shape, the class
+    sure (confidence > 0.9) and > 60% of pixels background (within 0.1 of -1; the largest shape covers ~28%)."""
     _, logits, predicted = evaluate(net, images)
     columns = [FACTOR_NAMES.index(name) for name in SCORED_FACTORS]
     w1 = wasserstein_1d(predicted[:, columns], reference_factors[:, columns])
@@ -210,6 +198,70 @@ def factor_scores(net, images, reference_factors):
     background = (images.cpu() < -0.9).flatten(1).float().mean(1) > 0.6
     return {"factor_w1": dict(zip(SCORED_FACTORS, w1.tolist())), "factor_w1_mean": w1.mean().item(),
             "clean_share": (confident & background).float().mean().item()}
+
+
+# -----------------------------------------------------------------------------
+# scoring a generator's samples (sample.py --eval)
+
+
+def score_samples(samples, asked, ae, ae_state, latents, out_dir, device="cpu", eval_steps=400, seed=0,
+                  batch_size=256):
+    """Score samples against held-out images, next to the rows that put the numbers in context: samples of
+    one Gaussian fitted to the latents (the trivial prior the DiT must beat), reconstructions (the best any
+    prior could do with this decoder) and training images (the floor). Per row: FD in the evaluator's
+    features and its mean term (moved when one class is drawn too often), on the shapes factor_scores.
+    `asked` (each sample's requested label, or None) gives class_match and class_shares. Prints a table."""
+    c = ae_state["config"]
+    train_set, heldout_set, image_shape, _ = get_dataset(c["data"], c["data_dir"], c["image_size"], c["channels"],
+                                                         c["download"], c.get("data_seed", 0))
+    heldout_images, _, heldout_factors = load_split(heldout_set)
+    evaluator, info = get_evaluator(out_dir, train_set, heldout_set, image_shape, ae_state["num_classes"], c,
+                                    device, steps=eval_steps, seed=0)
+    n, decode = len(samples), lambda z: torch.cat([ae.decode(b.to(device)).clamp(-1, 1).cpu() for b in z.split(batch_size)])
+    with torch.no_grad():
+        recons = decode(torch.cat([ae.encode(x.to(device))[0] for x in heldout_images.split(batch_size)]))
+        generator = torch.Generator().manual_seed(seed)  # the posterior samples and the Gaussian's draws
+        z = (latents["mean"] + latents["std"] * torch.randn(latents["std"].shape, generator=generator)).flatten(1)
+        ridge = 1e-6 * torch.eye(z.shape[1], dtype=torch.float64)  # keeps the covariance positive definite
+        torch.manual_seed(seed)
+        gaussian = torch.distributions.MultivariateNormal(z.double().mean(0), torch.cov(z.double().T) + ridge)
+        gaussian_images = decode(gaussian.sample((n,)).float().view(n, *latents["mean"].shape[1:]))
+    rows = {"DiT samples": samples, "Gaussian prior": gaussian_images, "reconstructions": recons,
+            "real (train)": load_split(train_set, n)[0]}
+    real_features, scores = features(evaluator, heldout_images), {}
+    for name, images in rows.items():  # every row against the same held-out features: comparable rows
+        feats = features(evaluator, images)
+        scores[name] = {"fd": frechet_distance(feats, real_features), "count": len(images),
+                        "fd_mean_term": (feats.mean(0) - real_features.mean(0)).double().pow(2).sum().item()}
+        if heldout_factors.shape[1]:  # the built-in shapes: do the images have the factors real shapes have?
+            scores[name].update(factor_scores(evaluator, images, heldout_factors))
+    metrics = {"fd": scores["DiT samples"]["fd"], "fd_gaussian": scores["Gaussian prior"]["fd"],
+               "fd_recon": scores["reconstructions"]["fd"], "fd_real": scores["real (train)"]["fd"],
+               "num_samples": n, "num_heldout": len(heldout_images), "heldout_psnr": ae_state.get("heldout_psnr"),
+               "ae_stage": ae_state["stage"], "scores": scores,
+               "evaluator": {"network": "distance.Evaluator (4 convs + linear, 128-d features), trained offline here",
+                             "accuracy": info["accuracy"], "factor_r2": info.get("factor_r2"), "steps": eval_steps}}
+    print(f"\nFD in the evaluator's 128-d features (held-out accuracy {info['accuracy']:.3f}), "
+          f"each row against the {len(heldout_images)} held-out images")
+    columns = [("count", "images", "d"), ("fd", "FD", ".3f"), ("fd_mean_term", "(means)", ".3f"),
+               ("factor_w1_mean", "factorW1", ".4f"), ("clean_share", "clean", ".3f")]
+    columns = [c for c in columns if c[0] in scores["DiT samples"]]
+    print("\n".join([table_line("", None, columns)] + [table_line(name, row, columns) for name, row in scores.items()]))
+    if asked is not None:  # a conditional prior: does the evaluator see the class each sample was asked for?
+        seen = evaluate(evaluator, samples)[1].argmax(1)
+        metrics["class_match"] = (seen == asked).float().mean().item()
+        metrics["class_shares"] = (torch.bincount(seen, minlength=ae_state["num_classes"]) / n).tolist()
+        print(f"the evaluator sees the requested class in {metrics['class_match']:.1%} of the DiT samples; "
+              f"it sees the classes in the shares {', '.join(f'{share:.2f}' for share in metrics['class_shares'])}")
+    return metrics
+
+
+def table_line(name, row, columns):
+    """One aligned line of a printed table; columns are (key, heading, format); '-' where row lacks a key,
+    and the headings when row is None."""
+    if row is None:
+        return f"{name:18}" + "".join(f"{heading:>10}" for _, heading, _ in columns)
+    return f"{name:18}" + "".join(f"{format(row[k], fmt) if k in row else '-':>10}" for k, _, fmt in columns)
 
 
 # -----------------------------------------------------------------------------
@@ -221,16 +273,12 @@ def capacity_curve(encode_fn, train_images, heldout_images, widths=(0.125, 0.25,
                    evaluator=None, heldout_factors=None, device="cpu"):
     """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x)
     back to x (L1 loss, AdamW, `steps` steps), then score it on held-out images. One row per width:
-      params       size of the probe: the complexity of the decoder class G
-      l1           mean |g(e(x)) - x| per pixel: the upper bound on D_G (W1 with the L1 ground cost,
-                   per pixel), as well as this budget of steps can find the best g in G
-      psnr         the same error in dB (on a [0, 1] scale), as train_ae.py prints it
-      swd          sliced Wasserstein between decoded and real held-out images: an unpaired d_F
-      fd           FD between the same two sets, when an evaluator is given
-      factor_w1_mean, clean_share   factor_scores of the decoded images, when heldout_factors is given
-    encode_fn maps a batch of images to latents (N, z, h, w); any function works, so a test can score
-    random noise or a damaged latent. Every width gets the same seed: the same data order. Prints each
-    row as it is done (the widest probe takes longest)."""
+      params   size of the probe: the complexity of the decoder class G
+      l1       mean |g(e(x)) - x| per pixel: the upper bound on D_G (W1 with the L1 ground cost), as well
+               as this budget of steps can find the best g in G; psnr: the same error in dB
+      fd, factor_w1_mean, clean_share   unpaired scores of the decoded held-out images (with an evaluator)
+    encode_fn maps images to latents (N, z, h, w); any function works, so a test can score noise or a
+    damaged latent. Every width gets the same seed (the same data order); rows print as they finish."""
     with torch.no_grad():  # the latent is frozen: encode every image once
         z_train, z_heldout = [torch.cat([encode_fn(batch.to(device)).float() for batch in images.split(256)])
                               for images in (train_images, heldout_images)]
@@ -266,8 +314,7 @@ def capacity_curve(encode_fn, train_images, heldout_images, widths=(0.125, 0.25,
         mse = ((recon - heldout_images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
         row = {"width": width, "params": sum(p.numel() for p in probe.parameters()),
                "l1": (recon - heldout_images).abs().mean().item(),
-               "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item(),
-               "swd": sliced_wasserstein(recon, heldout_images, seed=seed)}
+               "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()}
         if evaluator is not None:
             row["fd"] = frechet_distance(features(evaluator, recon), real_features)
         if evaluator is not None and heldout_factors is not None:
@@ -275,17 +322,12 @@ def capacity_curve(encode_fn, train_images, heldout_images, widths=(0.125, 0.25,
             row.update(factor_w1_mean=scores["factor_w1_mean"], clean_share=scores["clean_share"])
         row["seconds"] = time.time() - t0
         rows.append(row)
-        print(format_row(row))
+        print(table_line(f"width {width}", row, CURVE_COLUMNS))
     return rows
 
 
-def format_row(row):
-    """One line of the table; '-' where a score was not computed (e.g. the real-image reference row)."""
-    cells = [f"{row['width']:>7}", f"{row.get('params', '-'):>8}"]
-    for key, fmt in (("l1", ".4f"), ("psnr", ".2f"), ("swd", ".4f"), ("fd", ".3f"), ("factor_w1_mean", ".4f"),
-                     ("clean_share", ".3f"), ("seconds", ".0f")):
-        cells.append(f"{format(row[key], fmt) if key in row else '-':>9}")
-    return " ".join(cells)
+CURVE_COLUMNS = [("params", "params", "d"), ("l1", "L1 bound", ".4f"), ("psnr", "PSNR", ".2f"), ("fd", "FD", ".3f"),
+                 ("factor_w1_mean", "factorW1", ".4f"), ("clean_share", "clean", ".3f"), ("seconds", "seconds", ".0f")]
 
 
 # -----------------------------------------------------------------------------
@@ -293,7 +335,7 @@ def format_row(row):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out_dir", default="out", help="where ae.pt is; evaluator.pt and distance.json go here")
     parser.add_argument("--ae", default=None, help="autoencoder checkpoint to score (default: out_dir/ae.pt)")
     parser.add_argument("--widths", default="0.125,0.25,0.5,1", help="probe decoder widths: the decoder classes G")
@@ -312,23 +354,19 @@ def main():
     if min(widths) <= 0 or min(args.steps, args.batch_size, args.num_train, args.eval_steps) <= 0 or args.lr <= 0:
         fail("--widths, --steps, --batch_size, --lr, --num_train and --eval_steps must be positive")
     ae_path = args.ae or os.path.join(args.out_dir, "ae.pt")
+    check_device(args.device)
     check_out_dir(args.out_dir, True)  # evaluator.pt and the json go here, even with --ae elsewhere
-    make_ae = (f"python train_ae.py --stage 2 --out_dir {args.out_dir}` "
-               f"or `python train_ae.py --stage joint --out_dir {args.out_dir}")
-    state = load_checkpoint(ae_path, "autoencoder", make_ae)
+    ae_dir = os.path.dirname(ae_path) or "."
+    make_ae = (command("train_ae.py", "--stage", "1", "--out_dir", ae_dir) + " && "
+               + command("train_ae.py", "--stage", "2", "--out_dir", ae_dir))
+    ae, state = load_autoencoder(ae_path, make_ae, args.device)  # frozen: only its encoder is used
     c = state["config"]
-    # a stage-1 file holds the auxiliary decoder, whose width may differ: build that one to load it exactly
-    dec_width = c["aux_width"] if state.get("stage") == "1" else 1.0
-    ae = Autoencoder(state["image_shape"][0], c["ch"], c["ch_mult"], c["num_res_blocks"], c["z_channels"],
-                     dec_width=dec_width)
-    ae.load_state_dict(state["model"])
-    ae.to(args.device).eval().requires_grad_(False)  # frozen: only its encoder is used
 
     train_set, heldout_set, image_shape, num_classes = get_dataset(c["data"], c["data_dir"], c["image_size"],
                                                                    c["channels"], c["download"], c.get("data_seed", 0))
     train_images, _, _ = load_split(train_set, args.num_train)
     heldout_images, _, heldout_factors = load_split(heldout_set)
-    evaluator, info = get_evaluator(args.out_dir, train_set, heldout_set, image_shape, num_classes, c["data"],
+    evaluator, info = get_evaluator(args.out_dir, train_set, heldout_set, image_shape, num_classes, c,
                                     args.device, steps=args.eval_steps, seed=args.seed)
     print(f"evaluator: held-out accuracy {info['accuracy']:.3f}"
           + "".join(f", R^2 {k} {v:.3f}" for k, v in info.get("factor_r2", {}).items()))
@@ -337,14 +375,12 @@ def main():
     # the floor of every unpaired score: real training images against real held-out images. A
     # decoder that reproduced the data distribution exactly would score about this, not zero
     real = train_images[:len(heldout_images)]
-    reference = {"width": "real", "swd": sliced_wasserstein(real, heldout_images, seed=args.seed),
+    reference = {"width": "real",
                  "fd": frechet_distance(features(evaluator, real), features(evaluator, heldout_images))}
     if has_factors:
         reference.update({k: v for k, v in factor_scores(evaluator, real, heldout_factors).items() if k != "factor_w1"})
     print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): {args.steps} probe steps per width")
-    print(" ".join(f"{h:>{n}}" for h, n in (("width", 7), ("params", 8), ("L1 bound", 9), ("PSNR", 9), ("SWD", 9),
-                                             ("FD", 9), ("factorW1", 9), ("clean", 9), ("seconds", 9))))
-    print(format_row(reference))
+    print(table_line("", None, CURVE_COLUMNS) + "\n" + table_line("real images", reference, CURVE_COLUMNS))
     # the latent: posterior means, the deterministic map e(x) the bound speaks of. With a small KL
     # weight the posterior std is much smaller than the spread of the means (~1/7 on the default shapes)
     rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, heldout_images, widths, args.steps,

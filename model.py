@@ -1,8 +1,8 @@
 """
 The networks and the diffusion process, in three parts:
-  1. the autoencoder: a VQGAN / latent-diffusion style convolutional Encoder and Decoder with a
-     diagonal Gaussian latent (a KL-regularised autoencoder), whose decoder can be made weaker by a
-     width multiplier and by dropout, the two knobs the Decoupled Autoencoder (DAE) needs;
+  1. the autoencoder: a VQGAN / latent-diffusion style Encoder and Decoder with a diagonal Gaussian
+     latent (KL-regularised), whose decoder can be weakened by a width multiplier and by dropout,
+     the two knobs the Decoupled Autoencoder (DAE) needs; and VQGAN's optional patch discriminator;
   2. the prior: a Diffusion Transformer (DiT, Peebles & Xie 2023) written out in full, with the same
      parameter names and shapes as the original implementation, so its checkpoints load unchanged;
   3. GaussianDiffusion: the noise schedule, the training loss and the DDPM and DDIM samplers.
@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from plumbing import TanhGELU, attention  # the same functions, faster: "performance, not method"
 
 # -----------------------------------------------------------------------------
 # 1. the autoencoder
@@ -62,8 +64,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(N, z_channels, h, w) latent -> (N, C, H, W) image: the Encoder's mirror image.
-    `width` multiplies every channel count, so width=0.25 is a decoder with ~1/16 of the parameters."""
+    """(N, z_channels, h, w) latent -> (N, C, H, W) image, the Encoder's mirror. `width` scales every
+    channel count (in multiples of 8): width=0.25 is a decoder with ~1/16 of the parameters."""
 
     def __init__(self, out_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
                  dropout=0.0, width=1.0):
@@ -88,7 +90,7 @@ class Autoencoder(nn.Module):
     """Encoder -> 1x1 conv -> diagonal Gaussian posterior q(z|x) -> 1x1 conv -> Decoder.
     Like the latent-diffusion "AutoencoderKL": the encoder predicts a mean and a log-variance per latent
     element; training decodes a sample z = mean + std * noise and adds a small KL(q(z|x) || N(0, I)),
-    which keeps the latent bounded and smooth. The prior is later trained on these latents."""
+    which keeps the latent bounded and smooth: the latent the prior is trained on."""
 
     def __init__(self, img_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
                  dropout=0.0, dec_width=1.0, dec_dropout=0.0):
@@ -100,23 +102,21 @@ class Autoencoder(nn.Module):
         self.encoder_frozen = False
 
     def freeze_encoder(self):
-        """DAE stage 2: the latent is fixed. No gradient, and eval mode, which train() respects below."""
+        """DAE stage 2: the latent must not change. No gradient reaches the encoder, and it stays in eval
+        mode (no dropout noise in the latent) even when the training loop calls model.train()."""
         self.encoder_frozen = True
-        for part in (self.encoder, self.quant_conv):
-            part.requires_grad_(False)
+        self.encoder.requires_grad_(False)
+        self.quant_conv.requires_grad_(False)
         return self.train(self.training)
 
     def train(self, mode=True):
         super().train(mode)
-        if self.encoder_frozen:  # model.train() must not switch a frozen encoder back (dropout!)
-            self.encoder.eval()
-            self.quant_conv.eval()
+        self.encoder.train(mode and not self.encoder_frozen)  # quant_conv, a 1x1 conv, has no dropout
         return self
 
     def encode(self, x):
         """Returns the posterior's mean and standard deviation, each (N, z_channels, h, w)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
     def decode(self, z):
@@ -128,6 +128,27 @@ class Autoencoder(nn.Module):
         z = mean + std * torch.randn_like(std)
         kl = 0.5 * (mean ** 2 + std ** 2 - 1.0 - 2.0 * torch.log(std)).mean()
         return self.decode(z), kl
+
+
+class PatchDiscriminator(nn.Sequential):
+    """VQGAN's optional adversarial loss (Esser et al. 2021): scores image patches as real (> 0) or not (< 0)."""
+
+    def __init__(self, in_channels=1, ch=32):
+        super().__init__(nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(ch, 2 * ch, 4, 2, 1),
+                         Normalize(2 * ch), nn.LeakyReLU(0.2), nn.Conv2d(2 * ch, 1, 3, 1, 1))  # (N, 1, H/4, W/4)
+
+    def hinge_loss(self, real, fake):
+        """The discriminator's own loss: real patches above +1, reconstructions below -1 (one pass)."""
+        real_scores, fake_scores = self(torch.cat([real, fake.detach()])).float().chunk(2)
+        return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+
+    def generator_loss(self, fake):
+        """The autoencoder's adversarial term: look real. Only the autoencoder learns from it: frozen
+        here, the discriminator gets no gradient that would push it against its own hinge loss."""
+        self.requires_grad_(False)
+        loss = -self(fake).float().mean()
+        self.requires_grad_(True)
+        return loss
 
 
 # -----------------------------------------------------------------------------
@@ -161,12 +182,12 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> vector. Row `num_classes` is the "no class" embedding that classifier-free
-    guidance needs; training swaps a label for it with probability dropout_prob."""
+    """Class label -> vector. Row `num_classes` is the "no class" embedding that classifier-free guidance
+    needs (an unconditional model has only it); training swaps a label for it with probability dropout_prob."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0 or num_classes == 0), hidden_size)
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, labels, train):
@@ -177,8 +198,7 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention: one call that PyTorch runs
-    as a fused kernel (FlashAttention / memory-efficient) on GPU, never building the (T, T) matrix."""
+    """Multi-head self-attention, fused: PyTorch's kernel never builds the (T, T) matrix on a GPU."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -187,22 +207,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # bf16 on a cpu: PyTorch's bf16
-            # attention backward there is ~8x slower than float32's, for ~1% of the FLOPs (README: "DiT speed")
-            with torch.autocast("cpu", enabled=False):
-                x = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
+        x = attention(q, k, v)  # F.scaled_dot_product_attention, (N, heads, T, head_dim)
         return self.proj(rearrange(x, "n h t d -> n t (h d)"))
-
-
-class GELU(nn.GELU):
-    """DiT's GELU, tanh approximation. Compiled, it is written as x * sigmoid(2u), the same function
-    (0.5 (1 + tanh u) = sigmoid(2u)), for which inductor makes faster cpu code (README: "DiT speed")."""
-    def forward(self, x):
-        if not torch.compiler.is_compiling():  # eager: PyTorch's own fused GELU kernel is the fastest
-            return super().forward(x)
-        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2u, u = sqrt(2/pi) (x + ...)
 
 
 class DiTBlock(nn.Module):
@@ -215,7 +221,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         hidden = int(hidden_size * mlp_ratio)  # named layers keep the original keys mlp.fc1 / mlp.fc2
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(hidden_size, hidden), act=GELU(approximate="tanh"),
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(hidden_size, hidden), act=TanhGELU(),
                                              fc2=nn.Linear(hidden, hidden_size)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -241,8 +247,7 @@ class FinalLayer(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Cut the latent into p x p patches and embed each with one shared linear map: a conv with
-    kernel = stride = p does exactly that."""
+    """Cut the latent into p x p patches, each embedded by one shared linear map: a conv, kernel = stride = p."""
 
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
@@ -265,15 +270,13 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 
 class DiT(nn.Module):
     """Diffusion Transformer: noisy latent x (N, C, H, W), step t (N,), label y (N,) -> predicted noise.
-    With learn_sigma the output has 2C channels (noise, then a variance the original DiT trained);
-    our sampler reads only the first C."""
+    With learn_sigma the output has 2C channels (noise, then the original's variance); we read the first C."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
         super().__init__()
         if not isinstance(input_size, int) or input_size % patch_size:
-            raise ValueError(f"DiT needs a square latent whose side ({input_size}) is divisible by the "
-                             f"patch size ({patch_size}): change --patch_size or the autoencoder's latent size")
+            raise ValueError(f"DiT needs a square latent whose side ({input_size}) --patch_size {patch_size} divides")
         self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
         self.out_channels, self.num_classes = (in_channels * 2 if learn_sigma else in_channels), num_classes
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -322,10 +325,9 @@ class DiT(nn.Module):
 
 
 class GaussianDiffusion(nn.Module):
-    """The forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with
-    beta_t linear from 1e-4 to 0.02 over 1000 steps, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s.
-    The schedule lives in float32 buffers (float64 breaks Apple's MPS backend); they move with .to().
-    `model` anywhere below is any callable model(x, t, y) -> predicted noise (extra channels ignored)."""
+    """The forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), beta_t linear from 1e-4 to
+    0.02 over 1000 steps, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, in float32 buffers (float64
+    breaks Apple's MPS). `model` below is any callable model(x, t, y) -> predicted noise (extra channels ignored)."""
 
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
         super().__init__()
@@ -357,9 +359,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def ddpm_sample(self, model, noise, y, cfg_scale=1.0, null_label=0, generator=None):
-        """DDPM Algorithm 2, ancestral sampling through all T steps:
-        x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, with
-        sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t), the variance of q(x_{t-1} | x_t, x_0)."""
+        """DDPM Algorithm 2, ancestral sampling through all T steps: x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t)
+        eps) / sqrt(alpha_t) + sigma_t z, sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t) (q(x_{t-1}|x_t, x_0)'s)."""
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -379,9 +380,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def ddim_sample(self, model, noise, y, steps=50, eta=0.0, cfg_scale=1.0, null_label=0, generator=None):
-        """DDIM: the same trained model, sampled on a short sub-sequence of steps. Its speed comes only
-        from calling the network `steps` times instead of T: from x_t it predicts x_0, then jumps to
-        the next kept step t' with the marginal q(x_t' | x_0) of the same forward process:
+        """DDIM: the same trained model on a short sub-sequence of steps (the network runs `steps` times,
+        not T): from x_t it predicts x_0, then jumps to the next kept step t' with q(x_t' | x_0):
             x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
             x_t' = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z
         eta = 0 is deterministic; eta = 1 with all T steps is exactly DDPM's ancestral sampler."""

@@ -1,13 +1,13 @@
 """Tests for the whole project: `python -m pytest -q test_all.py` (cpu, offline, a few minutes)."""
-import json, math, os, re, shutil, signal, subprocess, sys, time  # noqa: E401 (one line: the file stays under 400)
+import json, math, os, re, shlex, shutil, signal, subprocess, sys, time  # noqa: E401 (one line: the file stays under 400)
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-import data, distance  # noqa: E401
-from model import Attention, Autoencoder, Decoder, DiT, DiTBlock, GaussianDiffusion
+import data, distance, plumbing  # noqa: E401
+from model import Attention, Autoencoder, Decoder, DiT, DiTBlock, GaussianDiffusion, PatchDiscriminator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_AE = ["--max_iters", "4", "--batch_size", "8", "--log_interval", "2", "--ckpt_interval", "2"]
@@ -25,6 +25,10 @@ def assert_one_line_error(proc, *words):
     assert proc.returncode != 0 and lines and "error:" in lines[-1], proc.stderr
     assert all(line.startswith(("usage:", " ")) for line in lines[:-1]), proc.stderr
     assert all(word in lines[-1] for word in words), (words, lines[-1])
+    for quoted in lines[-1].split("`")[1::2]:  # a command it quotes can be pasted as it is
+        for part in quoted.split(" && "):
+            argv = shlex.split(part)
+            assert argv[0] == "python" and os.path.isfile(os.path.join(HERE, argv[1])), quoted
 def same(a, b):
     """Bit-for-bit equality of nested checkpoint contents."""
     if isinstance(a, dict):
@@ -77,7 +81,7 @@ def test_step_sampler_shards_and_resumes_and_lr_schedule():
     assert all(not set(a) & set(b) for a, b in zip(r0, r1))  # and they never overlap
     assert list(data.StepSampler(100, 16, seed=0, start_step=7, max_steps=20)) == one[7:]  # resume
     assert len(set(sum(one[:6], []))) == 96  # an epoch (6 steps of 16) has no repeats
-    lrs = [data.get_lr(s, 1.0, 10, 100, 0.1) for s in range(101)]  # warm-up, then cosine down to min_lr
+    lrs = [plumbing.get_lr(s, 1.0, 10, 100, 0.1) for s in range(101)]  # warm-up, then cosine down to min_lr
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
@@ -112,17 +116,23 @@ def test_two_stage_dae_end_to_end(pipeline):
     z = (latents["mean"] + latents["std"] * torch.randn_like(latents["std"])) * latents["latent_scale"]
     assert z.std().item() == pytest.approx(1.0, rel=0.05)  # the whole training set, in order, scaled to unit variance
     assert final["latent_scale"] == latents["latent_scale"] and math.isfinite(final["heldout_psnr"])
+    rows = [json.loads(line) for line in open(os.path.join(pipeline, "log.jsonl"))]  # one line per log interval
+    assert [(r["run"], r["step"]) for r in rows] == [("ae stage 1", s) for s in range(2, 61, 2)] + [
+        ("ae stage 2", 2), ("ae stage 2", 4), ("prior", 2), ("prior", 4)]
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and r["time"] >= 0 for r in rows)
 def test_joint_baseline_runs_downstream_and_nan_loss_stops(tmp_path):
-    run("train_ae.py", "--stage", "joint", "--out_dir", out := tmp_path, *TINY_AE, "--dtype", "bfloat16")  # cpu autocast
+    run("train_ae.py", "--stage", "joint", "--out_dir", out := tmp_path, *TINY_AE, "--dtype", "bfloat16",  # cpu autocast
+        "--gan_weight", "0.1")  # and VQGAN's adversarial loss
     assert load(out, "ae.pt")["stage"] == "joint" and "latent_scale" in load(out, "ae.pt")
+    assert "discriminator" in load(out, "ae.pt")
     run("train_prior.py", "--out_dir", out, *TINY_PRIOR, "--compile", "--dtype", "bfloat16")  # the GPU paths, on cpu
     assert not any("_orig_mod" in k for k in load(out, "prior.pt")["model"])  # saved: the plain module, loadable
     run("sample.py", "--out_dir", out, "--num_samples", "2", "--steps", "2")
     # a loss that turns NaN stops the run in one line and keeps the last good checkpoint
     blow_up = ["--lr", "1e30", "--warmup_iters", "1", "--grad_clip", "0", "--max_iters", "20", "--ckpt_interval", "1"]
-    assert_one_line_error(run("train_prior.py", "--out_dir", out, *TINY_PRIOR, *blow_up, check=False), "loss became")
+    assert_one_line_error(run("train_prior.py", "--out_dir", out, *TINY_PRIOR, *blow_up, check=False), "not finite")
     proc = run("train_ae.py", "--stage", "1", "--out_dir", out, "--batch_size", "8", *blow_up, check=False)
-    assert_one_line_error(proc, "loss became", "--lr")
+    assert_one_line_error(proc, "not finite", "--lr")
     assert 1 <= load(out, "ae_stage1.pt")["step"] < 20 and 1 <= load(out, "prior.pt")["step"] < 20
 
 # ---- bad input: one line, non-zero exit, and every file in out_dir byte-for-byte unchanged ---------------------------
@@ -159,6 +169,14 @@ BAD_INPUT = {  # case: (how to break out_dir, script, arguments, words the error
     "eval_without_prior": (lambda o: os.remove(f"{o}/prior.pt"), "sample.py", ["--eval"], ["train_prior.py"]),
     "eval_one_sample": (None, "sample.py", ["--eval", "--num_samples", "1"], ["at least 2"]),
     "distance_without_ae": (lambda o: os.remove(f"{o}/ae.pt"), "distance.py", [], ["train_ae.py"]),
+    "no_cuda_here": (None, "sample.py", ["--device", "cuda:7"], ["this machine has", "cpu"]),
+    "misspelt_device": (None, "train_ae.py", ["--stage", "1", "--device", "gpu"], ["not a device", "cpu"]),
+    "npz_dir_missing": (None, "sample.py", ["--save_npz", "OUT/missing/s.npz"], ["does not exist"]),
+    "output_dir_missing": (None, "sample.py", ["--output", "OUT/missing/s.png"], ["does not exist"]),
+    "eta_above_1": (None, "sample.py", ["--eta", "1.5"], ["--eta", "[0, 1]"]),
+    "joint_over_dae": (None, "train_ae.py", ["--stage", "joint"], ["--overwrite"]),
+    "resume_on_other_latents": (lambda o: edit(o, "latents.pt", fingerprint="0" * 16), "train_prior.py",
+                                ["--resume", *TINY_PRIOR], ["other latents"]),
 }
 @pytest.mark.parametrize("case", BAD_INPUT)
 def test_bad_input(case, pipeline, tmp_path):
@@ -167,17 +185,17 @@ def test_bad_input(case, pipeline, tmp_path):
     if breaks:
         breaks(out)
     files = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
-    args = [{"FILE": os.path.join(out, "recon.png"), "OUT": out}.get(a, a) for a in args]
+    args = [{"FILE": os.path.join(out, "recon.png")}.get(a, a.replace("OUT", out)) for a in args]
     assert_one_line_error(run(script, "--out_dir", out, *args, check=False), *words)
     assert files == {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    data.save_checkpoint({"kind": "x", "v": torch.ones(3)}, path := str(tmp_path / "c.pt"))
+    plumbing.save_checkpoint({"kind": "x", "v": torch.ones(3)}, path := str(tmp_path / "c.pt"))
     def killed_mid_write(obj, f):  # half a file written, then the process is interrupted
         raise KeyboardInterrupt(open(f, "wb").write(b"half a checkpoint"))
     monkeypatch.setattr(torch, "save", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        data.save_checkpoint({"kind": "x", "v": torch.zeros(3)}, path)
-    assert torch.equal(data.load_checkpoint(path, "x", "")["v"], torch.ones(3))
+        plumbing.save_checkpoint({"kind": "x", "v": torch.zeros(3)}, path)
+    assert torch.equal(plumbing.load_checkpoint(path, "x", "")["v"], torch.ones(3))
 
 # ---- reliability and scale: exact resume after SIGKILL, Ctrl-C, determinism, DDP -------------------------------------
 RESUME = {  # case: (script, files it needs from the pipeline, arguments, its checkpoint)
@@ -219,7 +237,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(pipeline, tmp_path):
     assert proc.returncode == 130 and step >= 2 and f"saved step {step} " in stdout and "--resume" in stdout
 @pytest.mark.parametrize("script", ["train_ae.py", "train_prior.py"])
 def test_torchrun_two_processes(script, pipeline, tmp_path):
-    args = ["--stage", "1", *TINY_AE] if script == "train_ae.py" else TINY_PRIOR
+    args = ["--stage", "1", *TINY_AE, "--gan_weight", "0.1"] if script == "train_ae.py" else TINY_PRIOR
     shutil.copy(os.path.join(pipeline, "latents.pt"), tmp_path)  # what train_prior.py reads
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(HERE, script), "--out_dir", tmp_path, *args], capture_output=True, text=True)
@@ -232,7 +250,8 @@ def test_torchrun_two_processes(script, pipeline, tmp_path):
     own = [float(loss) for _, loss in end]  # different shards, different losses; the log shows their mean
     logged = float(re.search(r"step 4/4 \| loss (\S+)", proc.stdout).group(1))
     assert own[0] != own[1] and logged == pytest.approx(sum(own) / 2, abs=1e-4)
-    written = {"train_ae.py": {"ae_stage1.pt", "recon_stage1.png", "latents.pt"}, "train_prior.py": {"latents.pt", "prior.pt"}}
+    written = {"train_ae.py": {"ae_stage1.pt", "recon_stage1.png", "latents.pt", "log.jsonl"},
+               "train_prior.py": {"latents.pt", "prior.pt", "log.jsonl"}}
     assert set(os.listdir(tmp_path)) == written[script]  # no stray temporary files from a second writer
 def ddp_gradient_worker(rank, init_file, batch, result_file):  # one of 2 processes: DDP's mean gradient of 2 halves
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -253,6 +272,72 @@ def test_ddp_gradient_equals_one_process_on_the_union(tmp_path):
     ddp_grads = torch.load(tmp_path / "g.pt", weights_only=True)  # below: pos_embed is fixed, so it has no gradient
     pairs = [(p.grad, q) for p, q in zip(model.parameters(), ddp_grads) if p.requires_grad]
     assert len(pairs) > 20 and all(torch.allclose(p, q, atol=1e-6, rtol=1e-4) for p, q in pairs)
+
+# ---- after the first run: your own data, your own checkpoints, the paths the defaults do not take --------------------
+def test_flat_image_folder_is_one_class_and_stage_2_takes_stage_1s_options(tmp_path):
+    from PIL import Image
+    os.makedirs(pictures := tmp_path / "pictures")  # a user's own images: no class sub-folders
+    for i in range(12):
+        Image.new("RGB", (20 + i, 24), (20 * i, 100, 30)).save(pictures / f"{i}.png")
+    train, held, shape, num_classes = data.get_dataset("folder", str(pictures), 16, 1)
+    assert num_classes == 1 and len(train) + len(held) == 12 and {item[1].item() for item in train} == {0}
+    out, own = tmp_path / "out", ["--data", "folder", "--data_dir", pictures, "--image_size", "16", "--channels", "1",
+                                  "--ch", "8", "--ch_mult", "1,2"]
+    assert "one unlabelled class" in run("train_ae.py", "--stage", "1", "--out_dir", out, *own, *TINY_AE).stdout
+    stage2 = run("train_ae.py", "--stage", "2", "--out_dir", out, *TINY_AE).stdout  # the options are not repeated
+    assert "--data folder" in stage2 and "--ch_mult 1,2 " in stage2 and load(out, "ae.pt")["config"]["ch"] == 8
+    assert "unconditional" in run("train_prior.py", "--out_dir", out, *TINY_PRIOR).stdout
+    assert load(out, "prior.pt")["num_classes"] == 0
+    run("sample.py", "--out_dir", out, "--num_samples", "2", "--steps", "2")
+def test_prior_without_label_dropout_samples_unguided(pipeline, tmp_path):
+    out = str(shutil.copytree(pipeline, tmp_path / "out"))
+    run("train_prior.py", "--out_dir", out, *TINY_PRIOR, "--class_dropout_prob", "0")
+    assert "without guidance" in run("sample.py", "--out_dir", out, "--num_samples", "2", "--steps", "2").stdout
+    assert_one_line_error(run("sample.py", "--out_dir", out, "--cfg_scale", "3", check=False), "--cfg_scale")
+    run("train_prior.py", "--out_dir", out, *TINY_PRIOR, "--class_dropout_prob", "0", "--unconditional")
+    run("sample.py", "--out_dir", out, "--num_samples", "2", "--steps", "2")
+def test_discriminator_learns_from_its_hinge_loss_only():
+    torch.manual_seed(0)
+    ae, disc, x = Autoencoder(), PatchDiscriminator(1, 16), torch.randn(4, 1, 32, 32)
+    alone = PatchDiscriminator(1, 16)
+    alone.load_state_dict(disc.state_dict())
+    recon = ae(x)[0]
+    ((recon - x).abs().mean() + 0.5 * disc.generator_loss(recon)).backward()  # the autoencoder's step...
+    assert all(p.grad is None for p in disc.parameters()) and ae.decoder.layers[0].weight.grad is not None
+    steps = [torch.optim.AdamW(d.parameters(), lr=1e-2) for d in (disc, alone)]
+    disc.hinge_loss(x, recon).backward()  # ...then the discriminator's, as train_ae.py does them
+    alone.hinge_loss(x, recon.detach()).backward()
+    [step.step() for step in steps]  # noqa: the same update as from the hinge loss alone
+    assert same(disc.state_dict(), alone.state_dict()) and not same(disc.state_dict(), PatchDiscriminator(1, 16).state_dict())
+def test_step_seeds_never_collide():
+    seeds = {plumbing.step_seed(0, rank, step) for rank in range(8) for step in range(0, 100_000, 9)}
+    assert len(seeds) == 8 * len(range(0, 100_000, 9))  # no (rank, step) shares another one's random draws
+    assert all(plumbing.step_seed(0, 1, s) != plumbing.step_seed(0, 0, s + 7919) for s in range(50))
+    assert plumbing.step_seed(3, 1, 5) == plumbing.step_seed(3, 1, 5) != plumbing.step_seed(4, 1, 5)
+def test_non_finite_loss_or_gradient_stops_before_the_optimizer_step():
+    finite, nan, inf = torch.tensor(0.5), torch.tensor(math.nan), torch.tensor(math.inf)
+    plumbing.check_step_is_finite(finite, torch.tensor(3.0), 1, 7, "prior.pt", 1e-3)  # fine: carries on
+    for loss, grad_norm in [(finite, nan), (finite, inf), (nan, finite)]:  # a finite loss is not enough
+        with pytest.raises(SystemExit, match="not finite at step 7"):
+            plumbing.check_step_is_finite(loss, grad_norm, 1, 7, "prior.pt", 1e-3)
+def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(pipeline, tmp_path):
+    latents = load(pipeline, "latents.pt")
+    rank1_step2 = next(iter(data.StepSampler(len(latents["labels"]), 8, 0, 2, 3, rank=1, world_size=2)))
+    latents["mean"][rank1_step2[0]] = math.nan  # one bad latent, in rank 1's share of step 2 only
+    torch.save(latents, tmp_path / "latents.pt")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "train_prior.py"), "--out_dir", tmp_path, *TINY_PRIOR],
+                          capture_output=True, text=True, timeout=240)  # a rank left waiting would hang here
+    assert proc.returncode != 0 and proc.stderr.count("not finite at step 2, in at least one process") == 2
+    prior = load(tmp_path, "prior.pt")
+    assert prior["step"] == 2 and all(torch.isfinite(v).all() for v in [*prior["model"].values(), *prior["ema"].values()])
+def test_cached_evaluator_is_keyed_on_the_data(tmp_path, capsys):
+    train, held = data.ShapesDataset("train", size=300), data.ShapesDataset("heldout", size=100)
+    config = {"data": "shapes", "data_dir": "data", "data_seed": 0, "image_size": 32, "channels": 3}
+    for data_config in (config, config, {**config, "data_seed": 1}):
+        distance.get_evaluator(str(tmp_path), train, held, (1, 32, 32), 3, data_config, steps=5)
+    printed = capsys.readouterr().out
+    assert printed.count("training the evaluator") == 2 and "retraining" in printed  # cached, then another seed
 
 # ---- the DiT prior ---------------------------------------------------------------------------------------------------
 def small_dit(randomise=False, **kw):
@@ -365,15 +450,14 @@ def test_fd_on_held_out_shapes_sees_blur_noise_and_missing_classes():
     assert fd(blurred, b) > 3 * floor and fd(noisy, b) > 3 * floor and fd(circles_only, b) > 10 * floor
     nets = [distance.train_evaluator(train, held, (1, 32, 32), 3, steps=20)[0] for _ in range(2)]  # the same seed:
     assert torch.equal(distance.features(nets[0], a), distance.features(nets[1], a))  # the same features, same FD
-def test_capacity_curve_ranks_a_damaged_latent_worse(pipeline):
-    images, ae = distance.load_split(data.ShapesDataset("train", size=2048))[0], Autoencoder()
-    ae.eval().load_state_dict(load(pipeline, "ae.pt")["model"])  # its encoder trained 60 steps in stage 1
-    half = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 4, 1, 1)
-    latents = {"trained": lambda x: ae.encode(x)[0], "half zeroed": lambda x: ae.encode(x)[0] * half,
-               "noise": lambda x: torch.randn(x.shape[0], 4, 8, 8)}
-    l1 = {name: distance.capacity_curve(fn, images[:1792], images[1792:], widths=(0.25,), steps=400)[0]["l1"]
+def test_capacity_curve_ranks_a_latent_with_less_information_worse():
+    images = distance.load_split(data.ShapesDataset("train", size=2048))[0]
+    latents = {"8x8 means": lambda x: F.avg_pool2d(x, 4).repeat(1, 4, 1, 1),  # the image, block-averaged
+               "2x2 means": lambda x: F.interpolate(F.avg_pool2d(x, 16), scale_factor=4).repeat(1, 4, 1, 1),
+               "noise": lambda x: torch.randn(x.shape[0], 4, 8, 8)}  # nothing about the image at all
+    l1 = {name: distance.capacity_curve(fn, images[:1792], images[1792:], widths=(0.25,), steps=200)[0]["l1"]
           for name, fn in latents.items()}
-    assert l1["trained"] < l1["half zeroed"] < l1["noise"], l1
+    assert l1["8x8 means"] < l1["2x2 means"] < l1["noise"], l1
 def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
     out = str(shutil.copytree(pipeline, tmp_path / "out"))
     a, b, npz = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "s.npz"
@@ -383,6 +467,10 @@ def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
     assert open(a, "rb").read() != open(b, "rb").read()  # another seed, other samples
     run("sample.py", *fast, "--output", b)
     assert open(a, "rb").read() == open(b, "rb").read()  # the same seed, the same samples
+    elsewhere = tmp_path / "elsewhere"  # explicit checkpoints: nothing to copy; progress for many batches
+    proc = run("sample.py", "--out_dir", elsewhere, "--ae", f"{out}/ae.pt", "--prior", f"{out}/prior.pt",
+               "--num_samples", "6", "--batch_size", "2", "--steps", "3")
+    assert open(a, "rb").read() == open(elsewhere / "samples.png", "rb").read() and "sampling: 6/6" in proc.stdout
     pixels = np.load(npz)["arr_0"]  # the FID/IS suites' layout: uint8 (N, H, W, C)
     assert pixels.shape == (6, 32, 32, 1) and pixels.dtype == np.uint8 and pixels.max() > pixels.min()
     run("sample.py", "--out_dir", out, "--eval", "--num_samples", "64", "--steps", "2", "--eval_steps", "30")

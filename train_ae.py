@@ -17,48 +17,49 @@ encoder toward a latent that is simple for the prior to model. The strong decode
 buys back reconstruction detail without changing the latent.
 """
 import argparse
+import math
 import os
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (checksum, check_out_dir, fail, get_dataset, get_lr, load_checkpoint, make_loader, save_checkpoint,
-                  precision, save_grid, setup_distributed)
-from model import Autoencoder
+from data import get_dataset, make_loader
+from model import Autoencoder, PatchDiscriminator
+from plumbing import (HelpFormatter, RunLog, average_gradients, check_out_dir, check_step_is_finite, command, fail,
+                      finish_distributed, fingerprint, get_lr, initial_checksum, load_checkpoint, precision,
+                      resume_command, save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
 
 # -----------------------------------------------------------------------------
-# every knob is an option; the defaults train the built-in shapes on a laptop CPU in a few minutes
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# every knob is an option; the defaults train the built-in shapes on a laptop CPU in a few minutes.
+# The data and architecture options (marked *) default to the stage-1 checkpoint's values in stage 2,
+# and to the checkpoint's own with --resume: they must match it, so they need not be repeated.
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 parser.add_argument("--stage", required=True, choices=["1", "2", "joint"], help="DAE stage 1, stage 2, or the joint baseline")
 # data
-parser.add_argument("--data", default="shapes", help="shapes (built in), mnist, cifar10 or folder")
-parser.add_argument("--data_dir", default="data", help="where mnist/cifar10 files or the image folder are")
+parser.add_argument("--data", choices=["shapes", "mnist", "cifar10", "folder"], help="* the dataset (default: shapes)")
+parser.add_argument("--data_dir", help="* where mnist/cifar10 files or the image folder are (default: data)")
 parser.add_argument("--download", action="store_true", help="let torchvision download mnist/cifar10 (opt in)")
-parser.add_argument("--image_size", type=int, default=32, help="images are resized to this square size")
-parser.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels for --data folder")
-parser.add_argument("--data_seed", type=int, default=0, help="which shapes are drawn (and the folder split); --seed leaves it alone")
+parser.add_argument("--image_size", type=int, help="* images are resized to this square size (default: 32)")
+parser.add_argument("--channels", type=int, choices=[1, 3], help="* channels for --data folder (default: 3)")
+parser.add_argument("--data_seed", type=int, help="* which shapes are drawn, and the folder split (default: 0)")
 # the autoencoder (the defaults map 1x32x32 images to a 4x8x8 latent)
-parser.add_argument("--ch", type=int, default=16, help="base width of encoder and decoder")
-parser.add_argument("--ch_mult", default="1,2,4", help="width multiplier per level; each extra level halves the size")
-parser.add_argument("--num_res_blocks", type=int, default=1, help="ResNet blocks per level")
-parser.add_argument("--z_channels", type=int, default=4, help="latent channels")
+parser.add_argument("--ch", type=int, help="* base width of encoder and decoder (default: 16)")
+parser.add_argument("--ch_mult", help="* width multiplier per level; each extra level halves the size (default: 1,2,4)")
+parser.add_argument("--num_res_blocks", type=int, help="* ResNet blocks per level (default: 1)")
+parser.add_argument("--z_channels", type=int, help="* latent channels (default: 4)")
 parser.add_argument("--dropout", type=float, default=0.0, help="dropout in the encoder and the full decoder")
 # the DAE's weak auxiliary decoder (stage 1 only). Mild dropout in a full-width decoder weakens it
-# without starving it. In README.md's ablation (seed 0, sample FD, lower is better) dropout 0.2 gave
-# 19.2, dropout 0.1 20.7, dropout 0.5 31.1, a thin decoder 23.8 (width 0.5) and 32.5 (width 0.25),
-# and no weakening at all 25.2: so the default weakens by dropout, 0.2.
+# without starving it; thinner decoders and stronger dropout gave worse samples (README, "Results")
 parser.add_argument("--aux_width", type=float, default=1.0, help="stage 1: width multiplier of the auxiliary decoder")
 parser.add_argument("--aux_dropout", type=float, default=0.2, help="stage 1: dropout in the auxiliary decoder")
 # the loss: reconstruction + kl_weight * KL (+ gan_weight * adversarial, off by default)
 parser.add_argument("--recon_loss", default="l1", choices=["l1", "mse"], help="pixel reconstruction loss")
 parser.add_argument("--kl_weight", type=float, default=1e-4, help="weight of KL(q(z|x) || N(0, I)) per latent element")
-parser.add_argument("--gan_weight", type=float, default=0.0, help="weight of a patch-discriminator loss (0 = off)")
+parser.add_argument("--gan_weight", type=float, default=0.0, help="weight of VQGAN's patch-discriminator loss (0 = off)")
 parser.add_argument("--gan_start", type=int, default=0, help="step at which the discriminator loss switches on")
 # optimisation
-parser.add_argument("--max_iters", type=int, default=None, help="steps (default: 500 for stage 1 and 2, 1000 joint)")
+parser.add_argument("--max_iters", type=int, help="steps (default: 500 for stage 1 and 2, 1000 joint)")
 parser.add_argument("--batch_size", type=int, default=64, help="images per step per process")
 parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
 parser.add_argument("--min_lr", type=float, default=1e-4, help="learning rate at the end of the cosine decay")
@@ -68,122 +69,131 @@ parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradi
 parser.add_argument("--out_dir", default="out", help="where checkpoints, latents and pictures go")
 parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
-parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for cuda)")
-parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda)")
+parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                     help="compute precision, through autocast (default: bfloat16 on cuda, float32 elsewhere)")
 parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
 parser.add_argument("--log_interval", type=int, default=50, help="steps between log lines")
 parser.add_argument("--ckpt_interval", type=int, default=250, help="steps between checkpoints")
 parser.add_argument("--resume", action="store_true", help="continue this stage from its checkpoint")
+parser.add_argument("--overwrite", action="store_true", help="allow replacing a finished autoencoder of the other kind")
 args = parser.parse_args()
+INHERITED = {"data": "shapes", "data_dir": "data", "image_size": 32, "channels": 3, "data_seed": 0, "ch": 16,
+             "ch_mult": "1,2,4", "num_res_blocks": 1, "z_channels": 4}  # the * options and their defaults
+master_process = int(os.environ.get("RANK", 0)) == 0  # only rank 0 prints and writes files
+
+# -----------------------------------------------------------------------------
+# argument checks, all before any work: one line each
 if args.max_iters is None:
     args.max_iters = 1000 if args.stage == "joint" else 500
-for name in ("max_iters", "batch_size", "ch", "z_channels", "num_res_blocks", "log_interval", "ckpt_interval"):
-    if getattr(args, name) <= 0:
+for name in ("max_iters", "batch_size", "ch", "z_channels", "num_res_blocks", "image_size", "log_interval",
+             "ckpt_interval"):
+    if getattr(args, name) is not None and getattr(args, name) <= 0:
         fail(f"--{name} must be positive, got {getattr(args, name)}")
 if args.lr <= 0 or args.min_lr < 0 or args.kl_weight < 0 or args.gan_weight < 0:
     fail("--lr must be positive and --min_lr, --kl_weight, --gan_weight not negative")
 if not (0 <= args.aux_dropout < 1 and 0 <= args.dropout < 1 and args.aux_width > 0):
     fail("dropouts must lie in [0, 1) and --aux_width must be positive")
-try:  # "1,2,4" -> [1, 2, 4]: one entry per resolution level
+if isinstance(args.ch_mult, str):  # "1,2,4" -> [1, 2, 4]: one entry per resolution level
+    try:
+        args.ch_mult = [int(m) for m in args.ch_mult.split(",")]
+    except ValueError:
+        fail(f"--ch_mult takes comma-separated whole numbers such as 1,2,4, got '{args.ch_mult}'")
+final_stage = args.stage != "1"  # stage 2 and joint both produce the autoencoder the prior uses
+ckpt_path = os.path.join(args.out_dir, "ae.pt" if final_stage else "ae_stage1.pt")
+stage1_path = os.path.join(args.out_dir, "ae_stage1.pt")
+check_out_dir(args.out_dir, master_process)
+
+# stage 2 starts from stage 1's encoder, and --resume from this stage's own checkpoint: the * options
+# come from there unless given, and one that contradicts it is refused
+source = None
+if args.resume:
+    source = load_checkpoint(ckpt_path, "autoencoder", command("train_ae.py", "--stage", args.stage, "--out_dir", args.out_dir))
+    if source["stage"] != args.stage:
+        fail(f"{ckpt_path} holds stage {source['stage']}, not stage {args.stage}: resume with --stage {source['stage']}")
+elif args.stage == "2":
+    source = load_checkpoint(stage1_path, "autoencoder", command("train_ae.py", "--stage", "1", "--out_dir", args.out_dir))
+taken = []
+for key, default in INHERITED.items():
+    saved = source["config"].get(key, default) if source else None
+    if getattr(args, key) is None:
+        setattr(args, key, saved if source else default)
+        taken += [f"--{key} {','.join(map(str, saved)) if isinstance(saved, list) else saved}"] if source else []
+    elif source and key != "data_dir" and getattr(args, key) != saved:  # the data may have moved
+        fail(f"{ckpt_path if args.resume else stage1_path} was trained with --{key} {saved}, this run asks for "
+             f"{getattr(args, key)}: drop --{key} (it is taken from there) or use another --out_dir")
+if isinstance(args.ch_mult, str):
     args.ch_mult = [int(m) for m in args.ch_mult.split(",")]
-except ValueError:
-    fail(f"--ch_mult takes comma-separated whole numbers such as 1,2,4, got '{args.ch_mult}'")
+if taken and master_process:
+    print(f"options taken from {ckpt_path if args.resume else stage1_path}: {' '.join(taken)}")
 downsample = 2 ** (len(args.ch_mult) - 1)
 if args.image_size % downsample:
     fail(f"--image_size {args.image_size} is not divisible by the downsampling factor {downsample} of --ch_mult")
+if final_stage and not args.resume and not args.overwrite and os.path.isfile(ckpt_path):
+    try:  # a finished autoencoder of the other kind (DAE vs joint) is a result: never replace it silently
+        existing = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: nothing worth keeping
+        existing = {}
+    if "latent_scale" in existing and existing.get("stage") != args.stage:
+        fail(f"{ckpt_path} holds a finished stage-{existing['stage']} autoencoder (and latents.pt its latents): "
+             f"add --overwrite to replace them, or use another --out_dir")
 
 # -----------------------------------------------------------------------------
-# processes, devices, precision
-rank, world_size, device = setup_distributed(args.device)
-master_process = rank == 0  # only rank 0 prints and writes files
-check_out_dir(args.out_dir, master_process)
-device_type = "cuda" if device.startswith("cuda") else "cpu"
+# processes, devices, precision, data
+rank, world_size, device = setup_distributed(args.device)  # also checks that --device exists here
 args.dtype, autocast = precision(device, args.dtype)  # bf16 autocast on GPUs, float32 on cpu unless asked
-
 train_set, heldout_set, image_shape, num_classes = get_dataset(args.data, args.data_dir, args.image_size,
                                                                args.channels, args.download, args.data_seed)
-final_stage = args.stage != "1"  # stage 2 and joint both produce the autoencoder the prior uses
-ckpt_path = os.path.join(args.out_dir, "ae.pt" if final_stage else "ae_stage1.pt")
-ARCH = ["data", "data_seed", "image_size", "channels", "ch", "ch_mult", "num_res_blocks", "z_channels"]
-
-
-def check_same_arch(config, path):
-    """A checkpoint only fits when it was made for the same data and the same architecture."""
-    for key in ARCH:
-        if config.get(key) != getattr(args, key):
-            fail(f"{path} was trained with --{key} {config.get(key)}, this run asks for {getattr(args, key)}: "
-                 f"use the same value or another --out_dir")
-
 
 # -----------------------------------------------------------------------------
-# the model for this stage
+# The three kinds of run differ only here: which decoder the encoder trains with, and what is frozen.
 torch.manual_seed(args.seed)  # the same initial weights on every rank
 arch = dict(img_channels=image_shape[0], ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
             z_channels=args.z_channels, dropout=args.dropout)
 if args.stage == "1":
-    # the auxiliary decoder: thinner (aux_width) and/or noisier (aux_dropout) than the real one, so
-    # the encoder must find a latent that a low-complexity generator can decode
+    # DAE stage 1: the auxiliary decoder is thinner (aux_width) and/or noisier (aux_dropout) than the
+    # real one, so the encoder must find a latent that a low-complexity generator can decode
     model = Autoencoder(**arch, dec_width=args.aux_width, dec_dropout=args.aux_dropout)
-else:
+elif args.stage == "2":
+    # DAE stage 2: stage 1's encoder, frozen (the latent no longer changes), and a full decoder trained
+    # from scratch on it. Frozen = no gradient, and eval mode so encoder dropout cannot jitter the latent
     model = Autoencoder(**arch, dec_width=1.0, dec_dropout=args.dropout)
-if args.stage == "2" and not args.resume:
-    stage1_path = os.path.join(args.out_dir, "ae_stage1.pt")
-    stage1 = load_checkpoint(stage1_path, "autoencoder", f"python train_ae.py --stage 1 --out_dir {args.out_dir}")
-    check_same_arch(stage1["config"], stage1_path)
-    # keep the encoder half of stage 1 (encoder + quant_conv); the new decoder starts from scratch
-    encoder_half = {k: v for k, v in stage1["model"].items() if k.startswith(("encoder.", "quant_conv."))}
-    model.load_state_dict(encoder_half, strict=False)
-if args.stage == "2":
-    model.freeze_encoder()  # DAE stage 2: the latent no longer changes
+    encoder_half = {k: v for k, v in source["model"].items() if k.startswith(("encoder.", "quant_conv."))}
+    if not args.resume:
+        model.load_state_dict(encoder_half, strict=False)
+    model.freeze_encoder()
+else:
+    # joint: the usual autoencoder, encoder and full decoder trained together (the baseline)
+    model = Autoencoder(**arch, dec_width=1.0, dec_dropout=args.dropout)
 model.to(device)
-
-# optional adversarial loss: a small patch discriminator that scores overlapping patches as real/fake
-discriminator = None
-if args.gan_weight > 0:
-    c, w = image_shape[0], args.ch * 2
-    discriminator = nn.Sequential(
-        nn.Conv2d(c, w, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(w, 2 * w, 4, 2, 1), nn.GroupNorm(32, 2 * w),
-        nn.LeakyReLU(0.2), nn.Conv2d(2 * w, 1, 3, 1, 1)).to(device)  # (N, 1, H/4, W/4) patch scores
-
 # only what this stage trains goes to the optimizer: in stage 2 the frozen encoder gets no moments
-# (and no weight updates), so the latent the prior will see stays exactly the stage-1 latent
 trainable = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+# optional adversarial loss (VQGAN): not wrapped in DDP, its gradients are averaged by hand below
+discriminator = PatchDiscriminator(image_shape[0], args.ch * 2).to(device) if args.gan_weight > 0 else None
 opt_disc = torch.optim.AdamW(discriminator.parameters(), lr=args.lr, betas=(0.5, 0.9)) if discriminator else None
 
 start_step = 0
 if args.resume:
-    state = load_checkpoint(ckpt_path, "autoencoder", f"python train_ae.py --stage {args.stage} --out_dir {args.out_dir}")
-    if state["stage"] != args.stage:
-        fail(f"{ckpt_path} holds stage {state['stage']}, not stage {args.stage}: resume with --stage {state['stage']}")
-    check_same_arch(state["config"], ckpt_path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    model.load_state_dict(source["model"])
+    optimizer.load_state_dict(source["optimizer"])
+    if (discriminator is not None) != ("discriminator" in source):
+        fail(f"{ckpt_path} was trained {'with' if 'discriminator' in source else 'without'} --gan_weight: "
+             f"resume with the same --gan_weight")
     if discriminator is not None:
-        if "discriminator" not in state:
-            fail(f"{ckpt_path} was trained without --gan_weight: resume without it")
-        discriminator.load_state_dict(state["discriminator"])
-        opt_disc.load_state_dict(state["opt_disc"])
-    start_step = state["step"]
+        discriminator.load_state_dict(source["discriminator"])
+        opt_disc.load_state_dict(source["opt_disc"])
+    start_step = source["step"]
     if master_process:
         print(f"resuming stage {args.stage} from step {start_step}")
 
-n_params = sum(p.numel() for p in model.decoder.parameters())
 if master_process:
     print(f"stage {args.stage}: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M params, "
-          f"decoder {n_params / 1e6:.2f}M params, {len(trainable)} trainable tensors")
+          f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M params, "
+          f"{len(trainable)} trainable tensors")
 raw_model = model  # checkpoints save this one: no "_orig_mod." (compile) or "module." (DDP) prefixes
-if world_size > 1:  # DDP also broadcasts rank 0's weights when it wraps; the seed alone already makes them equal
-    print(f"rank {rank}: initial checksum {checksum(raw_model)!r}")
-if args.compile if args.compile is not None else device_type == "cuda":
-    if master_process:
-        print("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
-if world_size > 1:
-    model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-    if discriminator is not None:
-        discriminator = DDP(discriminator, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+initial_checksum(raw_model, rank, world_size)
+model = wrap_model(model, args.compile, device, world_size, master_process)
 
 
 def checkpoint(step):
@@ -193,8 +203,7 @@ def checkpoint(step):
              "image_shape": list(image_shape), "num_classes": num_classes,
              "model": raw_model.state_dict(), "optimizer": optimizer.state_dict()}
     if discriminator is not None:
-        state["discriminator"] = getattr(discriminator, "module", discriminator).state_dict()
-        state["opt_disc"] = opt_disc.state_dict()
+        state["discriminator"], state["opt_disc"] = discriminator.state_dict(), opt_disc.state_dict()
     return state
 
 
@@ -209,13 +218,13 @@ loader = make_loader(train_set, args.batch_size, args.seed, start_step, args.max
 if master_process:
     print(f"global batch {args.batch_size * world_size} ({world_size} process(es) x {args.batch_size}), "
           f"steps {start_step} -> {args.max_iters}")
+log = RunLog(args.out_dir, f"ae stage {args.stage}", master_process)
 model.train()
 step, t0, loss_sum, logged = start_step, time.time(), torch.zeros(3, device=device), 0
 local_loss = float("nan")  # this rank's loss over the last log interval
 try:
     for x, _, _ in loader:
-        # every random draw of this step (posterior noise, dropout) comes from (seed, rank, step)
-        torch.manual_seed(args.seed * 1_000_003 + rank * 7919 + step)
+        torch.manual_seed(step_seed(args.seed, rank, step))  # this step's draws: posterior noise, dropout
         lr = get_lr(step, args.lr, args.warmup_iters, args.max_iters, args.min_lr)
         for group in optimizer.param_groups + (opt_disc.param_groups if opt_disc else []):
             group["lr"] = lr
@@ -227,20 +236,20 @@ try:
             rec = recon_loss(x, recon.float())
             loss = rec + args.kl_weight * kl
             use_gan = discriminator is not None and step >= args.gan_start
-            if use_gan:  # the generator wants the discriminator to call its reconstructions real
-                loss = loss - args.gan_weight * discriminator(recon).float().mean()
-        if not torch.isfinite(loss):
-            fail(f"loss became {loss.item()} at step {step}; the last good checkpoint is kept at {ckpt_path}: "
-                 f"lower --lr (now {args.lr}) and resume with --resume")
+            if use_gan:  # the autoencoder wants the discriminator to call its reconstructions real
+                loss = loss + args.gan_weight * discriminator.generator_loss(recon)
         loss.backward()
-        if args.grad_clip > 0:  # a rare huge gradient early in training (lr near its peak) must not wreck the weights
-            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        # clipping (a rare huge gradient early on must not wreck the weights) also measures the norm,
+        # and nothing non-finite may reach the weights: every process stops together if it would
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
+        check_step_is_finite(loss, grad_norm, world_size, step, ckpt_path, args.lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if use_gan:  # hinge loss: push real patches above +1 and reconstructions below -1
+        if use_gan:  # the discriminator's own step, on its hinge loss alone
             with autocast:
-                d_loss = (F.relu(1 - discriminator(x)).mean() + F.relu(1 + discriminator(recon.detach())).mean())
+                d_loss = discriminator.hinge_loss(x, recon)
             d_loss.backward()
+            average_gradients(discriminator, world_size)
             opt_disc.step()
             opt_disc.zero_grad(set_to_none=True)
         step += 1
@@ -252,26 +261,24 @@ try:
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
                 loss_sum /= world_size
             elapsed = time.time() - t0
+            total, rec_avg, kl_avg = (loss_sum / logged).tolist()
+            rate = logged * args.batch_size * world_size / elapsed
             if master_process:
-                total, rec_avg, kl_avg = (loss_sum / logged).tolist()
-                rate = logged * args.batch_size * world_size / elapsed
                 print(f"step {step}/{args.max_iters} | loss {total:.4f} (recon {rec_avg:.4f}, kl {kl_avg:.3f}) | "
                       f"lr {lr:.1e} | {rate:.0f} img/s | {(args.max_iters - step) * elapsed / logged:.0f}s left")
+            log.write(step=step, loss=total, recon=rec_avg, kl=kl_avg, lr=lr, images_per_s=rate)
             t0, loss_sum, logged = time.time(), torch.zeros(3, device=device), 0
         if master_process and (step % args.ckpt_interval == 0 or step == args.max_iters):
             save_checkpoint(checkpoint(step), ckpt_path)
 except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to continue
     if master_process:
         save_checkpoint(checkpoint(step), ckpt_path)
-        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with the same command plus --resume")
+        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with: {resume_command()}")
     raise SystemExit(130)
 
 # -----------------------------------------------------------------------------
 # after training: measure on the held-out set, and for the final autoencoder cache the latents
-if world_size > 1:  # every rank must end with the same weights: print a checksum to compare (tests read it)
-    print(f"rank {rank}: parameter checksum {checksum(raw_model)!r} | own loss {local_loss:.6f}")
-    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer has already hung up
-    torch.distributed.destroy_process_group()
+finish_distributed(raw_model, rank, world_size, local_loss)  # every rank ends with the same weights
 if not master_process:
     raise SystemExit(0)
 raw_model.eval()
@@ -310,8 +317,10 @@ if final_stage:
     # a posterior sample z = mean + std * noise is Var(mean) + E[std^2]
     latent_scale = 1.0 / (mean.var() + std.pow(2).mean()).sqrt().item()
     state["latent_scale"] = latent_scale
+    # the fingerprint ties everything trained on these latents (the prior) to this very file
+    state["latents_fingerprint"] = fingerprint(mean, std)
     latents = {"kind": "latents", "mean": mean, "std": std, "labels": labels, "latent_scale": latent_scale,
-               "num_classes": num_classes, "ae_stage": args.stage}
+               "num_classes": num_classes, "ae_stage": args.stage, "fingerprint": state["latents_fingerprint"]}
     save_checkpoint(latents, os.path.join(args.out_dir, "latents.pt"))
     print(f"latent scale {latent_scale:.4f}; wrote {len(labels)} latents of shape {tuple(mean.shape[1:])} "
           f"to {os.path.join(args.out_dir, 'latents.pt')}")

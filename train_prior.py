@@ -13,22 +13,24 @@ which is what sample.py uses by default.
 import argparse
 import contextlib
 import copy
+import math
 import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (StepSampler, checksum, check_out_dir, fail, get_lr, load_checkpoint, save_checkpoint, save_grid,
-                  precision, setup_distributed)
-from model import DiT, Autoencoder, GaussianDiffusion
+from data import StepSampler
+from model import DiT, GaussianDiffusion
+from plumbing import (HelpFormatter, RunLog, check_out_dir, check_step_is_finite, command, fail, finish_distributed,
+                      get_lr, initial_checksum, load_autoencoder, load_checkpoint, precision, resume_command,
+                      save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
 
 # -----------------------------------------------------------------------------
 # every knob is an option; the defaults train a tiny DiT on the built-in shapes on a 2-core CPU in 5-7 minutes.
 # 6,000 steps, not fewer: at 2,500 the loss has nearly flattened, but the corners that tell a square from a
 # circle are what the prior learns last (README, "Sample quality"); 8,000 steps gain one point of class match
 # for a third more time, and the main command must stay under 15 minutes on a busy 2-core machine.
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 parser.add_argument("--out_dir", default="out", help="reads latents.pt (and ae.pt for pictures) here, writes prior.pt")
 # the DiT (the original's DiT-S is hidden 384, depth 12, 6 heads; ours is smaller for a CPU)
 parser.add_argument("--hidden_size", type=int, default=128, help="transformer width")
@@ -51,8 +53,8 @@ parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (w
 # system: device, compilation, how often to log, save and draw samples
 parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
-parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for cuda)")
-parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda)")
+parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                     help="compute precision, through autocast (default: bfloat16 on cuda, float32 elsewhere)")
 parser.add_argument("--log_interval", type=int, default=250, help="steps between log lines")
 parser.add_argument("--ckpt_interval", type=int, default=1000, help="steps between checkpoints")
@@ -71,19 +73,23 @@ if args.hidden_size % args.num_heads:
 
 # -----------------------------------------------------------------------------
 # one process per device; under torchrun every process runs this same file with its own RANK
-rank, world_size, device = setup_distributed(args.device)
+rank, world_size, device = setup_distributed(args.device)  # also checks that --device exists here
 master_process = rank == 0  # only rank 0 prints and writes files
 check_out_dir(args.out_dir, master_process)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 args.dtype, autocast = precision(device, args.dtype)  # bf16 autocast on GPUs, float32 on cpu unless asked
 
 # the latents: posterior means and stds of the whole training set, written once by train_ae.py
-make_latents = f"python train_ae.py --stage 2 --out_dir {args.out_dir}  (after --stage 1; or --stage joint)"
+make_latents = (command("train_ae.py", "--stage", "1", "--out_dir", args.out_dir) + " && "
+                + command("train_ae.py", "--stage", "2", "--out_dir", args.out_dir))
 latents = load_checkpoint(os.path.join(args.out_dir, "latents.pt"), "latents", make_latents)
 latent_mean, latent_std = latents["mean"].to(device), latents["std"].to(device)
 labels, latent_scale = latents["labels"].to(device), latents["latent_scale"]
 latent_shape = tuple(latent_mean.shape[1:])  # (C, h, w), (4, 8, 8) by default
-num_classes = 0 if args.unconditional else latents["num_classes"]
+# a dataset of one class (a flat image folder) has no labels to condition on: unconditional
+num_classes = 0 if args.unconditional or latents["num_classes"] <= 1 else latents["num_classes"]
+if num_classes == 0 and not args.unconditional and master_process:
+    print(f"the latents hold {latents['num_classes']} class: training an unconditional prior")
 if latent_shape[1] != latent_shape[2] or latent_shape[1] % args.patch_size:
     fail(f"latents of shape {latent_shape} need to be square with a side divisible by --patch_size {args.patch_size}")
 
@@ -104,9 +110,12 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
 start_step = 0
 ckpt_path = os.path.join(args.out_dir, "prior.pt")
 if args.resume:  # continue exactly: weights, EMA, optimizer moments and the step
-    state = load_checkpoint(ckpt_path, "prior", f"python train_prior.py --out_dir {args.out_dir}")
+    state = load_checkpoint(ckpt_path, "prior", command("train_prior.py", "--out_dir", args.out_dir))
     if state["dit_config"] != dit_config:
         fail(f"{ckpt_path} holds a DiT with {state['dit_config']}, this run asks for {dit_config}: use the same options")
+    if state.get("latents_fingerprint") != latents.get("fingerprint"):
+        fail(f"{ckpt_path} was trained on other latents than {args.out_dir}/latents.pt (a new autoencoder?): "
+             f"start a new prior without --resume, or in another --out_dir")
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
@@ -115,25 +124,15 @@ if args.resume:  # continue exactly: weights, EMA, optimizer moments and the ste
 # the autoencoder, only to turn sample grids into pictures along the way (optional here)
 ae_path, ae = os.path.join(args.out_dir, "ae.pt"), None
 if master_process and os.path.isfile(ae_path):
-    ae_state = load_checkpoint(ae_path, "autoencoder", make_latents)
-    c = ae_state["config"]
-    ae = Autoencoder(ae_state["image_shape"][0], c["ch"], c["ch_mult"], c["num_res_blocks"], c["z_channels"])
-    ae.load_state_dict(ae_state["model"])
-    ae.to(device).eval()
+    ae = load_autoencoder(ae_path, make_latents, device)[0]
 
 n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 if master_process:
     print(f"DiT: {n_params / 1e6:.2f}M parameters, {(latent_shape[1] // args.patch_size) ** 2} tokens, "
           f"{num_classes} classes; latents {latent_shape} x {len(labels)}, scale {latent_scale:.4f}")
 raw_model = model  # checkpoints save the plain module, never the compiled or DDP wrapper
-if world_size > 1:  # DDP also broadcasts rank 0's weights when it wraps; the seed alone already makes them equal
-    print(f"rank {rank}: initial checksum {checksum(raw_model)!r}")
-if args.compile if args.compile is not None else device_type == "cuda":
-    if master_process:
-        print("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
-if world_size > 1:
-    model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+initial_checksum(raw_model, rank, world_size)
+model = wrap_model(model, args.compile, device, world_size, master_process)
 
 
 def checkpoint(step):
@@ -142,7 +141,7 @@ def checkpoint(step):
     return {"kind": "prior", "step": step, "config": vars(args), "dit_config": dit_config,
             "latent_shape": list(latent_shape), "latent_scale": latent_scale, "num_classes": num_classes,
             "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "loss": last_loss}  # the mean training loss over the last log interval
+            "latents_fingerprint": latents.get("fingerprint"), "loss": last_loss}  # the mean training loss over the last log interval
 
 
 @torch.no_grad()
@@ -171,13 +170,14 @@ sampler = StepSampler(len(labels), micro * args.grad_accum, args.seed, start_ste
 if master_process:
     print(f"global batch {global_batch} = {world_size} process(es) x {args.grad_accum} accumulation x {micro}; "
           f"steps {start_step} -> {args.max_iters}")
+log = RunLog(args.out_dir, "prior", master_process)
 model.train()  # important! label dropout on: it trains the no-class mode that CFG needs
 step, t0, loss_sum, logged = start_step, time.time(), torch.zeros(1, device=device), 0
 local_loss = float("nan")  # this rank's own loss over the last log interval
 last_loss = state.get("loss", float("nan")) if args.resume else float("nan")  # the mean over all ranks
 try:
     for idx in sampler:
-        torch.manual_seed(args.seed * 1_000_003 + rank * 7919 + step)  # this step's draws: t, noise, dropout
+        torch.manual_seed(step_seed(args.seed, rank, step))  # this step's draws: t, noise, label dropout
         lr = get_lr(step, args.lr, args.warmup_iters, args.max_iters, args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -186,18 +186,20 @@ try:
         # (the autoencoder's decoder was trained on such samples, so the prior should model them too)
         x0 = (latent_mean[idx] + latent_std[idx] * torch.randn_like(latent_std[idx])) * latent_scale
         y = labels[idx] if num_classes else torch.zeros_like(labels[idx])
+        step_loss = torch.zeros((), device=device)
         for k, (x_micro, y_micro) in enumerate(zip(x0.split(micro), y.split(micro))):
             last = k == args.grad_accum - 1  # DDP averages gradients across ranks only on the last micro-step
             with model.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
                 with autocast:
                     loss = diffusion.training_loss(model, x_micro, y_micro) / args.grad_accum
-                if not torch.isfinite(loss):
-                    fail(f"loss became {loss.item()} at step {step}; the last good checkpoint is kept at "
-                         f"{ckpt_path}: lower --lr (now {args.lr}) and continue with --resume")
                 loss.backward()
-            loss_sum += loss.detach().float()
-        if args.grad_clip > 0:  # a rare huge gradient (a t near 0 with a bad draw) must not wreck the weights
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip, foreach=True)
+            step_loss += loss.detach().float()
+        # clipping (a rare huge gradient, a t near 0 with a bad draw, must not wreck the weights) also
+        # measures the norm, and nothing non-finite may reach the weights or the EMA: all ranks stop together
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf,
+                                                   foreach=True)
+        check_step_is_finite(step_loss, grad_norm, world_size, step, ckpt_path, args.lr)
+        loss_sum += step_loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # EMA with warm-up: early on the average follows the weights closely, so short runs sample well
@@ -213,12 +215,13 @@ try:
                 loss_sum /= world_size
             last_loss = loss_sum.item() / logged  # stored in the checkpoint: the experiment tables report it
             elapsed = time.time() - t0
+            rate = logged * global_batch / elapsed
             if master_process:
-                rate = logged * global_batch / elapsed
                 mfu = f" | MFU {rate * flops_per_latent() / (312e12 * world_size) * 100:.1f}% (of A100 bf16)" \
                     if device_type == "cuda" else ""
                 print(f"step {step}/{args.max_iters} | loss {last_loss:.4f} | lr {lr:.1e} | "
                       f"{rate:.0f} latents/s | {(args.max_iters - step) * elapsed / logged:.0f}s left{mfu}")
+            log.write(step=step, loss=last_loss, lr=lr, latents_per_s=rate)
             t0, loss_sum, logged = time.time(), torch.zeros(1, device=device), 0
         if master_process and (step % args.ckpt_interval == 0 or step == args.max_iters):
             save_checkpoint(checkpoint(step), ckpt_path)
@@ -227,11 +230,8 @@ try:
 except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to continue
     if master_process:
         save_checkpoint(checkpoint(step), ckpt_path)
-        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with the same command plus --resume")
+        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with: {resume_command()}")
     raise SystemExit(130)
 if master_process:  # a last grid from the final EMA weights
     sample_grid(step)
-if world_size > 1:  # every rank must end with the same weights: print a checksum to compare (tests read it)
-    print(f"rank {rank}: parameter checksum {checksum(raw_model)!r} | own loss {local_loss:.6f}")
-    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer has already hung up
-    torch.distributed.destroy_process_group()
+finish_distributed(raw_model, rank, world_size, local_loss)  # every rank ends with the same weights

@@ -31,14 +31,15 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Item i is a pure function of (seed, split, i): its factors come from a generator seeded with
     those three numbers, so the 5th image is the same whether the set holds 100 or 20,000 images.
+    Splits: train (20,000), val (2,000: every choice of default is made on it), test (2,000: reports only).
     The whole split is rendered once at construction (a few hundred milliseconds), in batches.
     """
 
     def __init__(self, split="train", image_size=32, seed=0, size=None):
-        split_id = {"train": 0, "heldout": 1}[split]
+        split_id = {"train": 0, "test": 1, "val": 2}[split]
         size = size or (20_000 if split == "train" else 2_000)
         # six uniform numbers per item, each row from its own generator: item i never depends on the others
-        u = torch.stack([torch.rand(6, generator=torch.Generator().manual_seed((seed * 2 + split_id) * 10_000_019 + i))
+        u = torch.stack([torch.rand(6, generator=torch.Generator().manual_seed((seed * 3 + split_id) * 10_000_019 + i))
                          for i in range(size)])
         angle = 2 * math.pi * u[:, 4]  # a fraction of one symmetry period, as an angle on the circle
         self.labels = (u[:, 0] * len(SHAPE_NAMES)).long()
@@ -72,6 +73,33 @@ def render_shapes(labels, factors, image_size):
     # coverage: 1 inside, 0 outside, a linear ramp one pixel wide across the edge (anti-aliasing)
     coverage = (0.5 - dist * image_size / 2).clamp(0, 1)
     return (intensity * coverage * 2 - 1).unsqueeze(1)
+
+
+# the area of each shape at scale 1, in the [-1, 1] square: circle pi r^2, square (1.6)^2, triangle 3 sqrt(3) 0.6^2
+SHAPE_AREA = torch.tensor([math.pi, 1.6 ** 2, 3 * math.sqrt(3) * 0.6 ** 2])
+
+
+def render_iou(images, labels, angles=36):
+    """How much each image looks like the ideal shape of class `labels` (the class asked for, or the true
+    one): the image is cut at half its brightness into a mask; the ideal shape gets the mask's centre,
+    area and brightness and the best of `angles` rotations of its symmetry period, and is cut the same
+    way; the score is the intersection over union of the two masks (1: the same pixels). A dented,
+    blurred or wrong-class image scores lower. images (N, 1, S, S) in [-1, 1], labels (N,) -> (N,)."""
+    size = images.shape[-1]
+    intensity = (images.flatten(1).amax(1) + 1) / 2  # the shape's inside is fully covered: its brightness
+    drawn = images > (intensity - 1).view(-1, 1, 1, 1)  # cut at half the brightness, on the [-1, 1] scale
+    axis = (torch.arange(size) + 0.5) / size * 2 - 1
+    count = drawn.flatten(1).sum(1).clamp_min(1)
+    x = (drawn * axis.view(1, 1, 1, -1)).flatten(1).sum(1) / count  # the mask's centre
+    y = (drawn * axis.view(1, 1, -1, 1)).flatten(1).sum(1) / count
+    scale = (count * (2 / size) ** 2 / SHAPE_AREA[labels]).sqrt()  # the scale whose shape has this area
+    best = torch.zeros(len(images))
+    for angle in torch.arange(angles) * 2 * math.pi / angles:
+        factors = torch.stack([x, y, scale, angle.cos().expand_as(x), angle.sin().expand_as(x), intensity], 1)
+        ideal = render_shapes(labels, factors, size) > (intensity - 1).view(-1, 1, 1, 1)
+        iou = (drawn & ideal).flatten(1).sum(1) / (drawn | ideal).flatten(1).sum(1).clamp_min(1)
+        best = torch.maximum(best, iou)
+    return best
 
 
 # -----------------------------------------------------------------------------
@@ -126,9 +154,10 @@ def image_folder(data_dir, transform):
 
 
 def get_dataset(name, data_dir="data", image_size=32, channels=3, download=False, seed=0):
-    """Returns (train set, held-out set, image shape (C, H, W), number of classes)."""
+    """Returns (train, val, test sets, image shape (C, H, W), number of classes). Models train on train;
+    every choice (a default, the evaluator's early stop) is made on val; test only reports final figures."""
     if name == "shapes":
-        return (ShapesDataset("train", image_size, seed), ShapesDataset("heldout", image_size, seed),
+        return (*[ShapesDataset(split, image_size, seed) for split in ("train", "val", "test")],
                 (1, image_size, image_size), len(SHAPE_NAMES))
     if name not in ("mnist", "cifar10", "folder"):
         fail(f"unknown dataset '{name}': choose one of shapes, mnist, cifar10, folder")
@@ -142,21 +171,28 @@ def get_dataset(name, data_dir="data", image_size=32, channels=3, download=False
     shape = (channels, image_size, image_size)
     if name == "folder":
         full, layout = image_folder(data_dir, to_tensor)
-        if len(full) < 2:
-            fail(f"{data_dir} holds {len(full)} image(s): the folder dataset needs at least 2")
+        if len(full) < 3:
+            fail(f"{data_dir} holds {len(full)} image(s): the folder dataset needs at least 3 (train, val, test)")
         if int(os.environ.get("RANK", 0)) == 0:  # said once, not by every DDP process
             print(f"--data folder {data_dir}: {len(full)} images, {layout}")
-        # a fixed 10 % of the images (at least one) is held out, the same ones on every run
-        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_held = max(1, len(full) // 10)
-        return (WithFactors(torch.utils.data.Subset(full, order[n_held:])),
-                WithFactors(torch.utils.data.Subset(full, order[:n_held])), shape, len(full.classes))
+        # a fixed 10 % of the images (at least one) is the test split, another 10 % validation
+        test, train = carve(full, len(full) // 10, seed)
+        val, train = carve(train, len(full) // 10, seed)
+        return WithFactors(train), WithFactors(val), WithFactors(test), shape, len(full.classes)
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
     try:
-        train, held = [cls(data_dir, train=t, transform=to_tensor, download=download) for t in (True, False)]
+        train, test = [cls(data_dir, train=t, transform=to_tensor, download=download) for t in (True, False)]
     except RuntimeError:
         fail(f"{name} files not found in --data_dir {data_dir}: copy them there or add --download")
-    return WithFactors(train), WithFactors(held), shape, 10
+    val, train = carve(train, len(train) // 10, seed)  # the official test set stays the test split
+    return WithFactors(train), WithFactors(val), WithFactors(test), shape, 10
+
+
+def carve(dataset, count, seed):
+    """(a fixed random slice of `count` items, at least one, the rest): the same items on every run."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = max(1, count)
+    return torch.utils.data.Subset(dataset, order[:count]), torch.utils.data.Subset(dataset, order[count:])
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-How good is a latent? Distances between image distributions, and the paper's complexity-motivated one.
+How good is a latent? The paper's complexity-motivated distance, and the scores that judge samples.
 
   python distance.py --out_dir out                        # the capacity curve of out/ae.pt's encoder
   python distance.py --out_dir out --ae out/ae_stage1.pt  # the same for the stage-1 encoder
@@ -28,10 +28,75 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import FACTOR_NAMES, get_dataset
+from data import FACTOR_NAMES, get_dataset, render_iou
 from model import Decoder
 from plumbing import (HelpFormatter, check_device, check_out_dir, command, fail, get_lr, load_autoencoder,
                       load_checkpoint, save_checkpoint)
+
+# -----------------------------------------------------------------------------
+# the complexity-motivated distance: best reconstruction error within decoder classes of growing width
+
+
+def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.5, 1.0), steps=300,
+                   batch_size=32, lr=2e-3, seed=0, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+                   evaluator=None, eval_labels=None, device="cpu"):
+    """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x)
+    back to x (L1 loss, AdamW, `steps` steps), then score it on images it never saw. One row per width:
+      params   size of the probe: the complexity of the decoder class G
+      l1       mean |g(e(x)) - x| per pixel: the upper bound on D_G (W1 with the L1 ground cost), as well
+               as this budget of steps can find the best g in G; psnr: the same error in dB
+      fd (and on the shapes render_iou)   unpaired scores of the decoded images (with an evaluator)
+    encode_fn maps images to latents (N, z, h, w); any function works, so a test can score noise or a
+    damaged latent. Every width gets the same seed (the same data order); rows print as they finish."""
+    with torch.no_grad():  # the latent is frozen: encode every image once
+        z_train, z_eval = [torch.cat([encode_fn(batch.to(device)).float() for batch in images.split(256)])
+                           for images in (train_images, eval_images)]
+    # one number rescales the latent to unit variance, so an encoder is not judged on the size of its
+    # numbers but on how easily they decode (the prior sees it rescaled the same way: latent_scale)
+    scale = z_train.std()
+    z_train, z_eval = z_train / scale, z_eval / scale
+    train_images = train_images.to(device)
+    real_features = features(evaluator, eval_images) if evaluator is not None else None
+    rows = []
+    for width in widths:
+        t0 = time.time()
+        torch.manual_seed(seed)  # the same initialisation stream and batches for every width
+        # the autoencoder's 1x1 post_quant_conv is left out: a linear map the first 3x3 conv absorbs
+        probe = Decoder(train_images.shape[1], ch, list(ch_mult), num_res_blocks, z_train.shape[1], 0.0, width).to(device)
+        out_shape = tuple(probe(z_train[:1]).shape[1:])
+        if out_shape != tuple(train_images.shape[1:]):
+            fail(f"a probe decoder with ch_mult {list(ch_mult)} turns {tuple(z_train.shape[1:])} latents into "
+                 f"{out_shape} images, not {tuple(train_images.shape[1:])}: use the autoencoder's ch_mult")
+        optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
+        order = torch.Generator().manual_seed(seed)
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, lr, steps // 10, steps, lr / 10)
+            idx = torch.randint(len(z_train), (batch_size,), generator=order)
+            loss = (probe(z_train[idx]) - train_images[idx]).abs().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        probe.eval()
+        with torch.no_grad():
+            recon = torch.cat([probe(z).clamp(-1, 1).cpu() for z in z_eval.split(256)])
+        mse = ((recon - eval_images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
+        row = {"width": width, "params": sum(p.numel() for p in probe.parameters()),
+               "l1": (recon - eval_images).abs().mean().item(),
+               "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()}
+        if evaluator is not None:
+            row["fd"] = frechet_distance(features(evaluator, recon), real_features)
+            if eval_labels is not None:  # the built-in shapes: the decoded images against their ideal shapes
+                row["render_iou"] = render_iou(recon, eval_labels).mean().item()
+        row["seconds"] = time.time() - t0
+        rows.append(row)
+        print(table_line(f"width {width}", row, CURVE_COLUMNS))
+    return rows
+
+
+CURVE_COLUMNS = [("params", "params", "d"), ("l1", "L1 bound", ".4f"), ("psnr", "PSNR", ".2f"), ("fd", "FD", ".3f"),
+                 ("render_iou", "renderIoU", ".3f"), ("seconds", "seconds", ".0f")]
+
 
 # -----------------------------------------------------------------------------
 # distances between two sets of samples
@@ -60,15 +125,21 @@ def frechet_distance(feats_a, feats_b):
     return max(fd.item(), 0.0)  # a distance: round-off below zero means zero
 
 
-def wasserstein_1d(a, b):
-    """W1 between the empirical distributions of each column of a (N, K) and b (M, K) -> (K,).
-    In one dimension the optimal plan matches samples in sorted order, so W1 is the mean gap between
-    quantiles; with N != M both sets are read at the same min(N, M) quantile levels."""
-    m = min(len(a), len(b))
-    levels = (torch.arange(m, dtype=torch.float64) + 0.5) / m
-    quantiles_a = a.double().sort(0).values[(levels * len(a)).long()]
-    quantiles_b = b.double().sort(0).values[(levels * len(b)).long()]
-    return (quantiles_a - quantiles_b).abs().mean(0)
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of two (N, D) feature sets. Each set's
+    manifold is the union of balls around its points, each reaching to the point's k-th nearest neighbour
+    in its own set. Precision: the share of fake points inside the real manifold (are the samples
+    realistic?); recall: the share of real points inside the fake manifold (do the samples cover the
+    data?). FD mixes the two; a sampler that draws only one class well has precision but no recall."""
+    real, fake = real.detach().cpu().double(), fake.detach().cpu().double()
+
+    def radii(points):  # the k-th nearest neighbour, not counting the point itself (distance 0)
+        return torch.cdist(points, points).kthvalue(k + 1, dim=1).values
+
+    def covered(points, centres, centre_radii):
+        return (torch.cdist(points, centres) <= centre_radii).any(1).double().mean().item()
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
 
 
 # -----------------------------------------------------------------------------
@@ -121,10 +192,10 @@ def load_split(dataset, max_count=None):
     return torch.cat(images), torch.cat(labels), torch.cat(factors)
 
 
-def train_evaluator(train, heldout, image_shape, num_classes, steps=400, batch_size=128, lr=2e-3, seed=0, device="cpu"):
+def train_evaluator(train, val, image_shape, num_classes, steps=400, batch_size=128, lr=2e-3, seed=0, device="cpu"):
     """Train the evaluator on (images, labels, factors) tensors: cross-entropy on the class plus the
     MSE of the standardised factors. Everything random comes from `seed`, so the evaluator, and with
-    it every FD, is the same on every run. Returns (net, info) with its held-out accuracy and R^2."""
+    it every FD, is the same on every run. Returns (net, info) with its validation accuracy and R^2."""
     (images, labels, factors), t0 = train, time.time()
     torch.manual_seed(seed)
     net = Evaluator(image_shape[0], image_shape[1], num_classes, factors.shape[1]).to(device)
@@ -145,17 +216,17 @@ def train_evaluator(train, heldout, image_shape, num_classes, steps=400, batch_s
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    _, logits, predicted = evaluate(net, heldout[0])
-    info = {"accuracy": (logits.argmax(1) == heldout[1]).float().mean().item(), "train_seconds": time.time() - t0}
+    _, logits, predicted = evaluate(net, val[0])
+    info = {"accuracy": (logits.argmax(1) == val[1]).float().mean().item(), "train_seconds": time.time() - t0}
     if factors.shape[1]:
         # R^2 = 1 - (error variance / factor variance), per factor. A circle looks the same at every angle,
         # so for the rotation factors the best possible R^2 is about 2/3 (circles are a third of the data)
-        r2 = 1 - (predicted - heldout[2]).pow(2).mean(0) / heldout[2].var(0)
+        r2 = 1 - (predicted - val[2]).pow(2).mean(0) / val[2].var(0)
         info["factor_r2"] = dict(zip(FACTOR_NAMES, r2.tolist()))
     return net, info
 
 
-def get_evaluator(out_dir, train_set, heldout_set, image_shape, num_classes, data_config, device="cpu",
+def get_evaluator(out_dir, train_set, val_set, image_shape, num_classes, data_config, device="cpu",
                   steps=400, seed=0):
     """The evaluator cached in out_dir/evaluator.pt, retrained when its key differs: everything it depends on,
     the data (`data_config`: the autoencoder's data options), the training images, its steps and seed.
@@ -173,7 +244,7 @@ def get_evaluator(out_dir, train_set, heldout_set, image_shape, num_classes, dat
             return net.to(device).eval(), state["info"]
         print(f"{path} was trained for {state['config']}; retraining it for {config}")
     print(f"training the evaluator ({steps} steps, seed {seed}) ...")
-    net, info = train_evaluator(load_split(train_set, 20_000), load_split(heldout_set), image_shape, num_classes,
+    net, info = train_evaluator(load_split(train_set, 20_000), load_split(val_set), image_shape, num_classes,
                                 steps=steps, seed=seed, device=device)
     info["config"] = config
     save_checkpoint({"kind": "evaluator", "config": config, "info": info, "model": net.state_dict()}, path)
@@ -181,72 +252,64 @@ def get_evaluator(out_dir, train_set, heldout_set, image_shape, num_classes, dat
 
 
 # -----------------------------------------------------------------------------
-# the built-in shapes: their generative factors are known, so samples can be checked against them
-
-SCORED_FACTORS = ["x", "y", "scale", "intensity"]  # rotation is left out: a circle has none to read
-
-
-def factor_scores(net, images, reference_factors):
-    """Do generated images have the factors of real ones? Per factor, the W1 distance between the factors
-    the evaluator reads off the images and the TRUE factors of held-out images (in the factor's units; the
-    evaluator's own error sets a floor). `clean_share`: images that look like one clean shape, the class
-    sure (confidence > 0.9) and > 60% of pixels background (within 0.1 of -1; the largest shape covers ~28%)."""
-    _, logits, predicted = evaluate(net, images)
-    columns = [FACTOR_NAMES.index(name) for name in SCORED_FACTORS]
-    w1 = wasserstein_1d(predicted[:, columns], reference_factors[:, columns])
-    confident = logits.softmax(1).amax(1) > 0.9
-    background = (images.cpu() < -0.9).flatten(1).float().mean(1) > 0.6
-    return {"factor_w1": dict(zip(SCORED_FACTORS, w1.tolist())), "factor_w1_mean": w1.mean().item(),
-            "clean_share": (confident & background).float().mean().item()}
-
-
-# -----------------------------------------------------------------------------
 # scoring a generator's samples (sample.py --eval)
 
 
 def score_samples(samples, asked, ae, ae_state, latents, out_dir, device="cpu", eval_steps=400, seed=0,
-                  batch_size=256):
-    """Score samples against held-out images, next to the rows that put the numbers in context: samples of
-    one Gaussian fitted to the latents (the trivial prior the DiT must beat), reconstructions (the best any
-    prior could do with this decoder) and training images (the floor). Per row: FD in the evaluator's
-    features and its mean term (moved when one class is drawn too often), on the shapes factor_scores.
-    `asked` (each sample's requested label, or None) gives class_match and class_shares. Prints a table."""
+                  batch_size=256, split="val"):
+    """Score samples against the `split` images (val while choosing, test for final figures), next to the
+    rows that put the numbers in context: one Gaussian fitted to the latents (the trivial prior the DiT
+    must beat), reconstructions of the split (the best any prior could do with this decoder), and the
+    other held-out split (the floor: real images the evaluator never trained on either). Per row: FD in
+    the evaluator's features and its mean term (moved when one class is drawn too often); on the shapes
+    data.render_iou against the class asked for (or seen). `asked`: each sample's label, or None."""
     c = ae_state["config"]
-    train_set, heldout_set, image_shape, _ = get_dataset(c["data"], c["data_dir"], c["image_size"], c["channels"],
-                                                         c["download"], c.get("data_seed", 0))
-    heldout_images, _, heldout_factors = load_split(heldout_set)
-    evaluator, info = get_evaluator(out_dir, train_set, heldout_set, image_shape, ae_state["num_classes"], c,
+    train_set, val_set, test_set, image_shape, _ = get_dataset(c["data"], c["data_dir"], c["image_size"],
+                                                               c["channels"], c["download"], c.get("data_seed", 0))
+    (images, labels, factors), floor = [load_split(s) for s in ((val_set, test_set) if split == "val" else
+                                                                 (test_set, val_set))]
+    evaluator, info = get_evaluator(out_dir, train_set, val_set, image_shape, ae_state["num_classes"], c,
                                     device, steps=eval_steps, seed=0)
     n, decode = len(samples), lambda z: torch.cat([ae.decode(b.to(device)).clamp(-1, 1).cpu() for b in z.split(batch_size)])
     with torch.no_grad():
-        recons = decode(torch.cat([ae.encode(x.to(device))[0] for x in heldout_images.split(batch_size)]))
+        recons = decode(torch.cat([ae.encode(x.to(device))[0] for x in images.split(batch_size)]))
         generator = torch.Generator().manual_seed(seed)  # the posterior samples and the Gaussian's draws
         z = (latents["mean"] + latents["std"] * torch.randn(latents["std"].shape, generator=generator)).flatten(1)
         ridge = 1e-6 * torch.eye(z.shape[1], dtype=torch.float64)  # keeps the covariance positive definite
         torch.manual_seed(seed)
         gaussian = torch.distributions.MultivariateNormal(z.double().mean(0), torch.cov(z.double().T) + ridge)
         gaussian_images = decode(gaussian.sample((n,)).float().view(n, *latents["mean"].shape[1:]))
-    rows = {"DiT samples": samples, "Gaussian prior": gaussian_images, "reconstructions": recons,
-            "real (train)": load_split(train_set, n)[0]}
-    real_features, scores = features(evaluator, heldout_images), {}
-    for name, images in rows.items():  # every row against the same held-out features: comparable rows
-        feats = features(evaluator, images)
-        scores[name] = {"fd": frechet_distance(feats, real_features), "count": len(images),
+    gaussian_seen = evaluate(evaluator, gaussian_images)[1].argmax(1)  # nothing was asked of it
+    rows = {"DiT samples": (samples, asked), "Gaussian prior": (gaussian_images, gaussian_seen),
+            "reconstructions": (recons, labels), f"real ({'test' if split == 'val' else 'val'})": floor[:2]}
+    real_features, scores, shapes = features(evaluator, images), {}, factors.shape[1] > 0
+    for name, (row_images, row_labels) in rows.items():  # every row against the same features: comparable
+        feats = features(evaluator, row_images)
+        scores[name] = {"count": len(row_images), "fd": frechet_distance(feats, real_features),
                         "fd_mean_term": (feats.mean(0) - real_features.mean(0)).double().pow(2).sum().item()}
-        if heldout_factors.shape[1]:  # the built-in shapes: do the images have the factors real shapes have?
-            scores[name].update(factor_scores(evaluator, images, heldout_factors))
-    metrics = {"fd": scores["DiT samples"]["fd"], "fd_gaussian": scores["Gaussian prior"]["fd"],
-               "fd_recon": scores["reconstructions"]["fd"], "fd_real": scores["real (train)"]["fd"],
-               "num_samples": n, "num_heldout": len(heldout_images), "heldout_psnr": ae_state.get("heldout_psnr"),
+        scores[name]["precision"], scores[name]["recall"] = precision_recall(real_features, feats)
+        if shapes:  # with the known classes and factors: does each image look like its ideal shape?
+            row_labels = evaluate(evaluator, row_images)[1].argmax(1) if row_labels is None else row_labels
+            iou = render_iou(row_images, row_labels)
+            scores[name]["render_iou"] = iou.mean().item()
+            scores[name]["render_iou_per_class"] = [iou[row_labels == k].mean().item() for k in range(3)]
+    floor_name = list(rows)[-1]
+    metrics = {"split": split, "fd": scores["DiT samples"]["fd"], "fd_gaussian": scores["Gaussian prior"]["fd"],
+               "fd_recon": scores["reconstructions"]["fd"], "fd_real": scores[floor_name]["fd"],
+               "num_samples": n, "num_reference": len(images), "val_psnr": ae_state.get("val_psnr"),
                "ae_stage": ae_state["stage"], "scores": scores,
                "evaluator": {"network": "distance.Evaluator (4 convs + linear, 128-d features), trained offline here",
                              "accuracy": info["accuracy"], "factor_r2": info.get("factor_r2"), "steps": eval_steps}}
-    print(f"\nFD in the evaluator's 128-d features (held-out accuracy {info['accuracy']:.3f}), "
-          f"each row against the {len(heldout_images)} held-out images")
+    print(f"\nFD in the evaluator's 128-d features (validation accuracy {info['accuracy']:.3f}), "
+          f"each row against the {len(images)} {split} images")
     columns = [("count", "images", "d"), ("fd", "FD", ".3f"), ("fd_mean_term", "(means)", ".3f"),
-               ("factor_w1_mean", "factorW1", ".4f"), ("clean_share", "clean", ".3f")]
-    columns = [c for c in columns if c[0] in scores["DiT samples"]]
+               ("precision", "precision", ".3f"), ("recall", "recall", ".3f")]
+    columns += [("render_iou", "renderIoU", ".3f")] if shapes else []
     print("\n".join([table_line("", None, columns)] + [table_line(name, row, columns) for name, row in scores.items()]))
+    if shapes:
+        print("render IoU per class (circle, square, triangle): samples "
+              + " / ".join(f"{v:.3f}" for v in scores["DiT samples"]["render_iou_per_class"]) + ", floor "
+              + " / ".join(f"{v:.3f}" for v in scores[floor_name]["render_iou_per_class"]))
     if asked is not None:  # a conditional prior: does the evaluator see the class each sample was asked for?
         seen = evaluate(evaluator, samples)[1].argmax(1)
         metrics["class_match"] = (seen == asked).float().mean().item()
@@ -265,86 +328,21 @@ def table_line(name, row, columns):
 
 
 # -----------------------------------------------------------------------------
-# the complexity-motivated distance: best reconstruction error within decoder classes of growing width
-
-
-def capacity_curve(encode_fn, train_images, heldout_images, widths=(0.125, 0.25, 0.5, 1.0), steps=300,
-                   batch_size=32, lr=2e-3, seed=0, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
-                   evaluator=None, heldout_factors=None, device="cpu"):
-    """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x)
-    back to x (L1 loss, AdamW, `steps` steps), then score it on held-out images. One row per width:
-      params   size of the probe: the complexity of the decoder class G
-      l1       mean |g(e(x)) - x| per pixel: the upper bound on D_G (W1 with the L1 ground cost), as well
-               as this budget of steps can find the best g in G; psnr: the same error in dB
-      fd, factor_w1_mean, clean_share   unpaired scores of the decoded held-out images (with an evaluator)
-    encode_fn maps images to latents (N, z, h, w); any function works, so a test can score noise or a
-    damaged latent. Every width gets the same seed (the same data order); rows print as they finish."""
-    with torch.no_grad():  # the latent is frozen: encode every image once
-        z_train, z_heldout = [torch.cat([encode_fn(batch.to(device)).float() for batch in images.split(256)])
-                              for images in (train_images, heldout_images)]
-    # one number rescales the latent to unit variance, so an encoder is not judged on the size of its
-    # numbers but on how easily they decode (the prior sees it rescaled the same way: latent_scale)
-    scale = z_train.std()
-    z_train, z_heldout = z_train / scale, z_heldout / scale
-    train_images = train_images.to(device)
-    real_features = features(evaluator, heldout_images) if evaluator is not None else None
-    rows = []
-    for width in widths:
-        t0 = time.time()
-        torch.manual_seed(seed)  # the same initialisation stream and batches for every width
-        # the autoencoder's 1x1 post_quant_conv is left out: a linear map the first 3x3 conv absorbs
-        probe = Decoder(train_images.shape[1], ch, list(ch_mult), num_res_blocks, z_train.shape[1], 0.0, width).to(device)
-        out_shape = tuple(probe(z_train[:1]).shape[1:])
-        if out_shape != tuple(train_images.shape[1:]):
-            fail(f"a probe decoder with ch_mult {list(ch_mult)} turns {tuple(z_train.shape[1:])} latents into "
-                 f"{out_shape} images, not {tuple(train_images.shape[1:])}: use the autoencoder's ch_mult")
-        optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
-        order = torch.Generator().manual_seed(seed)
-        for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, lr, steps // 10, steps, lr / 10)
-            idx = torch.randint(len(z_train), (batch_size,), generator=order)
-            loss = (probe(z_train[idx]) - train_images[idx]).abs().mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        probe.eval()
-        with torch.no_grad():
-            recon = torch.cat([probe(z).clamp(-1, 1).cpu() for z in z_heldout.split(256)])
-        mse = ((recon - heldout_images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
-        row = {"width": width, "params": sum(p.numel() for p in probe.parameters()),
-               "l1": (recon - heldout_images).abs().mean().item(),
-               "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()}
-        if evaluator is not None:
-            row["fd"] = frechet_distance(features(evaluator, recon), real_features)
-        if evaluator is not None and heldout_factors is not None:
-            scores = factor_scores(evaluator, recon, heldout_factors)
-            row.update(factor_w1_mean=scores["factor_w1_mean"], clean_share=scores["clean_share"])
-        row["seconds"] = time.time() - t0
-        rows.append(row)
-        print(table_line(f"width {width}", row, CURVE_COLUMNS))
-    return rows
-
-
-CURVE_COLUMNS = [("params", "params", "d"), ("l1", "L1 bound", ".4f"), ("psnr", "PSNR", ".2f"), ("fd", "FD", ".3f"),
-                 ("factor_w1_mean", "factorW1", ".4f"), ("clean_share", "clean", ".3f"), ("seconds", "seconds", ".0f")]
-
-
-# -----------------------------------------------------------------------------
 # the script: the capacity curve of one autoencoder's encoder
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out_dir", default="out", help="where ae.pt is; evaluator.pt and distance.json go here")
-    parser.add_argument("--ae", default=None, help="autoencoder checkpoint to score (default: out_dir/ae.pt)")
+    parser.add_argument("--ae", help="autoencoder checkpoint to score (default: out_dir/ae.pt)")
+    parser.add_argument("--split", default="val", choices=["val", "test"], help="the images the probes are scored on")
     parser.add_argument("--widths", default="0.125,0.25,0.5,1", help="probe decoder widths: the decoder classes G")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each probe decoder")
     parser.add_argument("--batch_size", type=int, default=32, help="probe training batch")
     parser.add_argument("--lr", type=float, default=2e-3, help="probe peak learning rate")
     parser.add_argument("--num_train", type=int, default=20_000, help="training images the probes learn from")
     parser.add_argument("--eval_steps", type=int, default=400, help="training steps of the evaluator")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the probes, the evaluator and the projections")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the probes and the evaluator")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
     args = parser.parse_args()
     try:
@@ -357,35 +355,30 @@ def main():
     check_device(args.device)
     check_out_dir(args.out_dir, True)  # evaluator.pt and the json go here, even with --ae elsewhere
     ae_dir = os.path.dirname(ae_path) or "."
-    make_ae = (command("train_ae.py", "--stage", "1", "--out_dir", ae_dir) + " && "
-               + command("train_ae.py", "--stage", "2", "--out_dir", ae_dir))
-    ae, state = load_autoencoder(ae_path, make_ae, args.device)  # frozen: only its encoder is used
+    ae, state = load_autoencoder(ae_path, command("train_ae.py", "--stage", "1", "--out_dir", ae_dir) + " && "
+                                 + command("train_ae.py", "--stage", "2", "--out_dir", ae_dir), args.device)
     c = state["config"]
-
-    train_set, heldout_set, image_shape, num_classes = get_dataset(c["data"], c["data_dir"], c["image_size"],
-                                                                   c["channels"], c["download"], c.get("data_seed", 0))
-    train_images, _, _ = load_split(train_set, args.num_train)
-    heldout_images, _, heldout_factors = load_split(heldout_set)
-    evaluator, info = get_evaluator(args.out_dir, train_set, heldout_set, image_shape, num_classes, c,
+    train_set, val_set, test_set, image_shape, num_classes = get_dataset(
+        c["data"], c["data_dir"], c["image_size"], c["channels"], c["download"], c.get("data_seed", 0))
+    train_images = load_split(train_set, args.num_train)[0]
+    eval_images, eval_labels, factors = load_split(val_set if args.split == "val" else test_set)
+    floor_images, floor_labels, _ = load_split(test_set if args.split == "val" else val_set)
+    evaluator, info = get_evaluator(args.out_dir, train_set, val_set, image_shape, num_classes, c,
                                     args.device, steps=args.eval_steps, seed=args.seed)
-    print(f"evaluator: held-out accuracy {info['accuracy']:.3f}"
+    print(f"evaluator: validation accuracy {info['accuracy']:.3f}"
           + "".join(f", R^2 {k} {v:.3f}" for k, v in info.get("factor_r2", {}).items()))
-    has_factors = heldout_factors.shape[1] > 0
-
-    # the floor of every unpaired score: real training images against real held-out images. A
-    # decoder that reproduced the data distribution exactly would score about this, not zero
-    real = train_images[:len(heldout_images)]
-    reference = {"width": "real",
-                 "fd": frechet_distance(features(evaluator, real), features(evaluator, heldout_images))}
-    if has_factors:
-        reference.update({k: v for k, v in factor_scores(evaluator, real, heldout_factors).items() if k != "factor_w1"})
+    # the floor of every unpaired score: the other held-out split against this one. A decoder that
+    # reproduced the data distribution exactly would score about this, not zero
+    reference = {"width": "real", "fd": frechet_distance(features(evaluator, floor_images), features(evaluator, eval_images))}
+    if factors.shape[1]:
+        reference["render_iou"] = render_iou(floor_images, floor_labels).mean().item()
     print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): {args.steps} probe steps per width")
     print(table_line("", None, CURVE_COLUMNS) + "\n" + table_line("real images", reference, CURVE_COLUMNS))
     # the latent: posterior means, the deterministic map e(x) the bound speaks of. With a small KL
     # weight the posterior std is much smaller than the spread of the means (~1/7 on the default shapes)
-    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, heldout_images, widths, args.steps,
+    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, widths, args.steps,
                           args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
-                          evaluator, heldout_factors if has_factors else None, args.device)
+                          evaluator, eval_labels if factors.shape[1] else None, args.device)
     # out_dir/distance.json for ae.pt; another checkpoint gets its own file, e.g. distance_ae_stage1.json
     name = "" if args.ae is None else "_" + os.path.splitext(os.path.basename(args.ae))[0]
     out_path = os.path.join(args.out_dir, f"distance{name}.json")

@@ -65,12 +65,12 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """(N, z_channels, h, w) latent -> (N, C, H, W) image, the Encoder's mirror. `width` scales every
-    channel count (in multiples of 8): width=0.25 is a decoder with ~1/16 of the parameters."""
+    channel count: width=0.25 is a decoder with ~1/16 of the parameters."""
 
     def __init__(self, out_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
                  dropout=0.0, width=1.0):
         super().__init__()
-        chans = [max(8, 8 * round(ch * m * width / 8)) for m in ch_mult]  # multiples of 8 channels
+        chans = [max(1, round(ch * m * width)) for m in ch_mult]  # every width its own decoder class
         width = chans[-1]
         layers = [nn.Conv2d(z_channels, width, 3, padding=1), ResnetBlock(width, width, dropout)]
         for level in reversed(range(len(ch_mult))):

@@ -4,7 +4,7 @@ Sample images: noise -> DiT prior (DDIM or DDPM) -> latent -> autoencoder decode
   python sample.py                                  # 64 samples, DDIM 50 steps, CFG 2, EMA weights -> out/samples.png
   python sample.py --class_label 2 --cfg_scale 3    # only triangles, with classifier-free guidance
   python sample.py --sampler ddpm --steps 1000      # the ancestral sampler, all 1000 steps
-  python sample.py --eval                           # 2,000 samples scored against held-out images -> out/metrics.json
+  python sample.py --eval                           # 2,000 samples scored on the validation images -> out/metrics.json
   python sample.py --num_samples 50000 --save_npz out/samples.npz   # for the standard FID/IS suites
 
 It reads out/ae.pt (train_ae.py) and out/prior.pt (train_prior.py) and runs on cpu or cuda.
@@ -42,6 +42,8 @@ parser.add_argument("--seed", type=int, default=0, help="seeds the starting nois
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
 # evaluation: FD and friends in the feature space of distance.py's offline evaluator (trained once, cached)
 parser.add_argument("--eval", action="store_true", help="score the samples against held-out images -> out_dir/metrics.json")
+parser.add_argument("--split", default="val", choices=["val", "test"],
+                    help="--eval's reference images: val while choosing anything, test only for final figures")
 parser.add_argument("--eval_steps", type=int, default=400, help="training steps of the evaluator, if it is not cached yet")
 parser.add_argument("--save_npz", help="also write the samples to this .npz as uint8 (N, H, W, C)")
 args = parser.parse_args()
@@ -174,7 +176,7 @@ if num_classes:
     asked = torch.arange(args.num_samples) % num_classes if args.class_label is None else \
         torch.full((args.num_samples,), args.class_label)
 metrics = score_samples(samples, asked, ae, ae_state, latents, args.out_dir, device, args.eval_steps, args.seed,
-                        args.batch_size)
+                        args.batch_size, args.split)
 metrics.update(prior_loss=prior_state.get("loss"), ae=ae_path, prior=prior_path,
                sampler={"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
                         "ema": not args.no_ema, "seed": args.seed})

@@ -50,10 +50,12 @@ def pipeline(tmp_path_factory):
 # ---- data ------------------------------------------------------------------------------------------------------------
 def test_shapes_dataset_is_a_pure_function_of_seed_and_index():
     full, small = data.ShapesDataset("train"), data.ShapesDataset("train", size=50)
-    assert len(full) == 20_000 and len(data.ShapesDataset("heldout")) == 2_000
+    assert len(full) == 20_000 and len(data.ShapesDataset("val")) == len(data.ShapesDataset("test")) == 2_000
     assert all(torch.equal(a, b) for i in (0, 7, 49) for a, b in zip(full[i], small[i]))
-    other_seed, heldout = data.ShapesDataset("train", seed=1, size=50), data.ShapesDataset("heldout", size=50)
-    assert not torch.equal(small.images, other_seed.images) and not torch.equal(small.images, heldout.images)
+    others = [data.ShapesDataset("train", seed=1, size=50)] + [data.ShapesDataset(s, size=50) for s in ("val", "test")]
+    others.append(data.ShapesDataset("val", seed=1, size=50))  # val of seed 1 is no other seed's train or test
+    images = [small.images] + [other.images for other in others]
+    assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])  # five streams
     assert full[3][0].shape == (1, 32, 32) and full[3][2].shape == (6,) and set(full.labels.tolist()) == {0, 1, 2}
     assert full.images.min() >= -1 and full.images.max() <= 1
     # anti-aliased: edge pixels take values between the background and the shape's intensity
@@ -66,10 +68,12 @@ def test_folder_dataset_and_bad_dataset_requests(tmp_path):
     from PIL import Image
     for i, (cls, size) in enumerate([("cats", (40, 50)), ("cats", (64, 64)), ("dogs", (20, 20)), ("dogs", (33, 17))] * 3):
         os.makedirs(tmp_path / cls, exist_ok=True)
-        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / cls / f"{i}.png")
+        Image.new("RGB", size, (20 * i, 10, 10)).save(tmp_path / cls / f"{i}.png")  # image i: its own colour
     for channels in (1, 3):
-        train, held, shape, num_classes = data.get_dataset("folder", str(tmp_path), 16, channels)
-        assert shape == (channels, 16, 16) and num_classes == 2 and len(train) + len(held) == 12
+        train, val, test, shape, num_classes = data.get_dataset("folder", str(tmp_path), 16, channels)
+        assert shape == (channels, 16, 16) and num_classes == 2 and (len(train), len(val), len(test)) == (10, 1, 1)
+        colours = {round(item[0].mean().item(), 4) for split in (train, val, test) for item in split}
+        assert len(colours) == 12  # every image in exactly one split
         image, label, factors = train[0]
         assert image.shape == shape and factors.numel() == 0 and label in (0, 1) and image.abs().max() <= 1
     with pytest.raises(SystemExit, match="not a directory"):  # other dataset errors: see BAD_INPUT
@@ -91,8 +95,8 @@ def test_autoencoder_shapes_and_weak_decoders():
     (mean, std), (recon, kl) = ae.encode(x), ae(x)
     assert mean.shape == std.shape == (2, 4, 8, 8) and (std > 0).all() and recon.shape == x.shape and kl >= 0
     assert Autoencoder(3, ch=8, ch_mult=(1, 2, 2, 2), z_channels=8).encode(torch.randn(1, 3, 64, 64))[0].shape == (1, 8, 8, 8)
-    params = [sum(p.numel() for p in Decoder(width=w).parameters()) for w in (0.25, 0.5, 1.0)]
-    assert params[0] < params[1] < params[2] and params[2] > 8 * params[0]
+    params = [sum(p.numel() for p in Decoder(width=w).parameters()) for w in (0.125, 0.25, 0.5, 1.0)]
+    assert params == sorted(set(params)) and params[3] > 8 * params[1]  # every width a distinct, smaller class
     dropped, z = Decoder(dropout=0.5).train(), torch.randn(2, 4, 8, 8)
     assert not torch.equal(dropped(z), dropped(z)) and torch.equal(dropped.eval()(z), dropped(z))  # train vs eval
 def test_frozen_encoder_gets_no_gradient_and_stays_in_eval_mode():
@@ -115,7 +119,7 @@ def test_two_stage_dae_end_to_end(pipeline):
     assert latents["mean"].shape == (20_000, 4, 8, 8) and torch.equal(latents["labels"], data.ShapesDataset().labels)
     z = (latents["mean"] + latents["std"] * torch.randn_like(latents["std"])) * latents["latent_scale"]
     assert z.std().item() == pytest.approx(1.0, rel=0.05)  # the whole training set, in order, scaled to unit variance
-    assert final["latent_scale"] == latents["latent_scale"] and math.isfinite(final["heldout_psnr"])
+    assert final["latent_scale"] == latents["latent_scale"] and math.isfinite(final["val_psnr"])
     rows = [json.loads(line) for line in open(os.path.join(pipeline, "log.jsonl"))]  # one line per log interval
     assert [(r["run"], r["step"]) for r in rows] == [("ae stage 1", s) for s in range(2, 61, 2)] + [
         ("ae stage 2", 2), ("ae stage 2", 4), ("prior", 2), ("prior", 4)]
@@ -279,8 +283,8 @@ def test_flat_image_folder_is_one_class_and_stage_2_takes_stage_1s_options(tmp_p
     os.makedirs(pictures := tmp_path / "pictures")  # a user's own images: no class sub-folders
     for i in range(12):
         Image.new("RGB", (20 + i, 24), (20 * i, 100, 30)).save(pictures / f"{i}.png")
-    train, held, shape, num_classes = data.get_dataset("folder", str(pictures), 16, 1)
-    assert num_classes == 1 and len(train) + len(held) == 12 and {item[1].item() for item in train} == {0}
+    train, val, test, shape, num_classes = data.get_dataset("folder", str(pictures), 16, 1)
+    assert num_classes == 1 and len(train) + len(val) + len(test) == 12 and {item[1].item() for item in train} == {0}
     out, own = tmp_path / "out", ["--data", "folder", "--data_dir", pictures, "--image_size", "16", "--channels", "1",
                                   "--ch", "8", "--ch_mult", "1,2"]
     assert "one unlabelled class" in run("train_ae.py", "--stage", "1", "--out_dir", out, *own, *TINY_AE).stdout
@@ -332,7 +336,7 @@ def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(pip
     prior = load(tmp_path, "prior.pt")
     assert prior["step"] == 2 and all(torch.isfinite(v).all() for v in [*prior["model"].values(), *prior["ema"].values()])
 def test_cached_evaluator_is_keyed_on_the_data(tmp_path, capsys):
-    train, held = data.ShapesDataset("train", size=300), data.ShapesDataset("heldout", size=100)
+    train, held = data.ShapesDataset("train", size=300), data.ShapesDataset("val", size=100)
     config = {"data": "shapes", "data_dir": "data", "data_seed": 0, "image_size": 32, "channels": 3}
     for data_config in (config, config, {**config, "data_seed": 1}):
         distance.get_evaluator(str(tmp_path), train, held, (1, 32, 32), 3, data_config, steps=5)
@@ -437,8 +441,32 @@ def test_frechet_distance_basics():
         fd(torch.full((5, 4), math.nan), a)
     with pytest.raises(SystemExit, match="at least 2"):
         fd(a[:1], a)
+def test_render_iou_sees_blur_dents_and_wrong_classes():
+    val = data.ShapesDataset("val", size=600)
+    images, labels, factors = val.images, val.labels, val.factors
+    real = data.render_iou(images, labels)  # real shapes against ideal ones of their class: nearly 1
+    assert real.mean() > 0.97 and real.min() > 0.85
+    blurred = F.avg_pool2d(F.pad(images, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+    dented = images.clone()
+    dented[:, :, 14:18, 12:20] = -1  # a hole across the middle
+    for damaged, damaged_labels in [(blurred, labels), (dented, labels), (images, (labels + 1) % 3)]:
+        assert data.render_iou(damaged, damaged_labels).mean() < real.mean() - 0.04
+    circles = data.render_shapes(torch.zeros_like(labels), factors, 32)  # a circle drawn where a square was asked
+    assert data.render_iou(circles, labels)[labels == 1].mean() < 0.9 and data.render_iou(circles, labels)[
+        labels == 2].mean() < 0.8
+def test_precision_and_recall_separate_fidelity_from_coverage():
+    g, centres = torch.Generator().manual_seed(0), torch.tensor([[0.0, 0, 0, 0], [10, 0, 0, 0], [0, 10, 0, 0]])
+    labels = torch.arange(3000) % 3  # three well-separated classes
+    real, fake = [centres[labels] + torch.randn(3000, 4, generator=g) for _ in range(2)]
+    assert distance.precision_recall(real, real) == (1.0, 1.0)
+    precision, recall = distance.precision_recall(real, fake)
+    assert precision > 0.9 and recall > 0.9  # another draw of the same distribution
+    precision, recall = distance.precision_recall(real, fake[labels != 0])  # a class missing:
+    assert precision > 0.9 and recall < 0.7  # every sample realistic, a third of the data not covered
+    precision, recall = distance.precision_recall(real, 3 * fake)  # samples off the data: fidelity falls
+    assert precision < 0.2
 def test_fd_on_held_out_shapes_sees_blur_noise_and_missing_classes():
-    train, held = [distance.load_split(data.ShapesDataset(split, size=4000)) for split in ("train", "heldout")]
+    train, held = [distance.load_split(data.ShapesDataset(split, size=4000)) for split in ("train", "val")]
     net, info = distance.train_evaluator(train, held, (1, 32, 32), 3, steps=300)
     assert info["accuracy"] > 0.95
     a, b, labels = held[0][:2000], held[0][2000:], held[1][:2000]
@@ -478,10 +506,11 @@ def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
     dit = metrics["scores"]["DiT samples"]  # its FD is the mean term plus a covariance term that is >= 0
     assert metrics["num_samples"] == 64 == dit["count"] and 0 <= dit["fd_mean_term"] <= dit["fd"] + 1e-6
     assert 0 <= metrics["fd_real"] < metrics["fd"] and metrics["fd_recon"] > 0 and metrics["fd_gaussian"] > 0
-    assert 0 <= metrics["evaluator"]["accuracy"] <= 1 and "clean_share" in dit and 0 <= metrics["class_match"] <= 1
+    assert metrics["split"] == "val" and 0 <= metrics["class_match"] <= 1 and metrics["num_reference"] == 2000
+    assert metrics["scores"]["real (test)"]["render_iou"] > dit["render_iou"]  # real shapes beat a 4-step prior's
     assert metrics["sampler"]["cfg_scale"] == 2.0 and abs(sum(metrics["class_shares"]) - 1) < 1e-6  # guided by default
     proc = run("distance.py", "--out_dir", out, "--widths", "0.25,1", "--steps", 5, "--num_train", 256, "--eval_steps", 30)
     assert "training the evaluator" not in proc.stdout  # the cached evaluator of --eval is reused
     rows = json.load(open(os.path.join(out, "distance.json")))["rows"]
     assert [r["width"] for r in rows] == [0.25, 1.0] and rows[0]["params"] < rows[1]["params"]
-    assert all(r["l1"] > 0 and r["fd"] >= 0 and 0 <= r["clean_share"] <= 1 for r in rows)
+    assert all(r["l1"] > 0 and r["fd"] >= 0 and 0 <= r["render_iou"] <= 1 for r in rows)

@@ -142,7 +142,7 @@ if final_stage and not args.resume and not args.overwrite and os.path.isfile(ckp
 # processes, devices, precision, data
 rank, world_size, device = setup_distributed(args.device)  # also checks that --device exists here
 args.dtype, autocast = precision(device, args.dtype)  # bf16 autocast on GPUs, float32 on cpu unless asked
-train_set, heldout_set, image_shape, num_classes = get_dataset(args.data, args.data_dir, args.image_size,
+train_set, val_set, _, image_shape, num_classes = get_dataset(args.data, args.data_dir, args.image_size,
                                                                args.channels, args.download, args.data_seed)
 
 # -----------------------------------------------------------------------------
@@ -277,7 +277,7 @@ except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to co
     raise SystemExit(130)
 
 # -----------------------------------------------------------------------------
-# after training: measure on the held-out set, and for the final autoencoder cache the latents
+# after training: measure on the validation split, and for the final autoencoder cache the latents
 finish_distributed(raw_model, rank, world_size, local_loss)  # every rank ends with the same weights
 if not master_process:
     raise SystemExit(0)
@@ -299,8 +299,8 @@ def encode_all(dataset):
 
 
 with torch.no_grad():
-    mean, std, _ = encode_all(heldout_set)
-    images = torch.stack([heldout_set[i][0] for i in range(len(heldout_set))])
+    mean, std, _ = encode_all(val_set)
+    images = torch.stack([val_set[i][0] for i in range(len(val_set))])
     recons = torch.cat([raw_model.decode(m.to(device)).float().cpu() for m in mean.split(256)])
     # PSNR from the posterior mean (no sampling noise), so two runs compare the decoders, not the dice
     mse = ((recons.clamp(-1, 1) - images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
@@ -309,8 +309,8 @@ with torch.no_grad():
     grid_path = os.path.join(args.out_dir, "recon.png" if final_stage else "recon_stage1.png")
     save_grid(pairs, grid_path, nrow=8)
 state = checkpoint(step)
-state["heldout_psnr"] = psnr
-print(f"held-out reconstruction PSNR {psnr:.2f} dB (decoding the posterior mean); grid in {grid_path}")
+state["val_psnr"] = psnr
+print(f"validation reconstruction PSNR {psnr:.2f} dB (decoding the posterior mean); grid in {grid_path}")
 if final_stage:
     mean, std, labels = encode_all(train_set)
     # scale latents to unit variance for the prior (latent diffusion's "scale factor"); the variance of

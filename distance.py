@@ -375,7 +375,7 @@ def main():
     print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): {args.steps} probe steps per width")
     print(table_line("", None, CURVE_COLUMNS) + "\n" + table_line("real images", reference, CURVE_COLUMNS))
     # the latent: posterior means, the deterministic map e(x) the bound speaks of. With a small KL
-    # weight the posterior std is much smaller than the spread of the means (~1/7 on the default shapes)
+    # weight the posterior std is much smaller than the spread of the means
     rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, widths, args.steps,
                           args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
                           evaluator, eval_labels if factors.shape[1] else None, args.device)

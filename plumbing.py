@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -98,22 +99,34 @@ def setup_distributed(device):
     return rank, world_size, device
 
 
-def precision(device, dtype=None):
+def fast_bf16_cpu():
+    """Does this CPU have bf16 matrix units (Intel AMX, or AVX512-BF16) and a C++ compiler for
+    torch.compile? There the DiT trains about twice as fast in bf16 autocast, compiled (README,
+    "Performance notes"), so train_prior.py turns both on by default, as on a GPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: no way to tell, so float32
+        return False
+    return (" amx_bf16" in flags or " avx512_bf16" in flags) and shutil.which("c++") is not None
+
+
+def precision(device, dtype=None, fast_cpu=False):
     """--dtype -> (dtype name, autocast context to wrap forward passes in). bf16 autocast runs matmuls
     and convolutions in bfloat16 while weights and optimizer state stay float32, and unlike fp16 it
-    needs no GradScaler. Default on GPUs; on cpu float32 (bit-reproducible), but --dtype bfloat16 pays
-    off on CPUs with native bf16 (AVX512-BF16, AMX): see "Performance notes" in README.md."""
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    needs no GradScaler. Default on GPUs, and on a cpu when `fast_cpu`; else float32."""
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") or fast_cpu else "float32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on Ampere+: TF32
     if dtype == "float32":
         return dtype, contextlib.nullcontext()
     return dtype, torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
 
-def wrap_model(model, compile_model, device, world_size, master_process):
-    """The module the training loop calls: compiled (default on cuda) and, under torchrun, wrapped in
-    DDP, which averages gradients across processes during backward. Checkpoints save the plain module."""
-    if compile_model if compile_model is not None else device.startswith("cuda"):
+def wrap_model(model, compile_model, device, world_size, master_process, fast_cpu=False):
+    """The module the training loop calls: compiled (by default on cuda, and on a cpu when `fast_cpu`)
+    and, under torchrun, wrapped in DDP, which averages gradients across processes during backward.
+    Checkpoints save the plain module."""
+    if compile_model if compile_model is not None else (device.startswith("cuda") or fast_cpu):
         if master_process:
             print("compiling the model... (takes a ~minute)")
         model = torch.compile(model)
@@ -206,19 +219,50 @@ def fingerprint(*tensors):
 # logs: one printed line and one JSON line (out_dir/log.jsonl) per log interval
 
 
-class RunLog:
-    """Appends one JSON object per log interval to out_dir/log.jsonl, so a run can be plotted later:
+class TrainLog:
+    """The training log: add() the loss parts of every step; every `interval` steps (and at the last)
+    they are averaged over the steps and over all DDP processes, and rank 0 prints one line and appends
+    one JSON object to out_dir/log.jsonl, so a run can be plotted later:
         rows = [json.loads(line) for line in open("out/log.jsonl")]
-    Every row names its run ("ae stage 1", "prior", ...), so one file holds a whole pipeline."""
+    Every row names its run ("ae stage 1", "prior", ...): one file holds a whole pipeline."""
 
-    def __init__(self, out_dir, run, enabled=True):
-        self.path, self.run, self.enabled, self.start = os.path.join(out_dir, "log.jsonl"), run, enabled, time.time()
+    def __init__(self, out_dir, run, names, interval, max_iters, items_per_step, unit, world_size, master_process,
+                 flops_per_item=None):
+        self.path, self.run, self.names, self.flops_per_item = os.path.join(out_dir, "log.jsonl"), run, names, flops_per_item
+        self.interval, self.max_iters, self.items_per_step, self.unit = interval, max_iters, items_per_step, unit
+        self.world_size, self.master_process, self.start = world_size, master_process, time.time()
+        self.means, self.local_loss = {name: math.nan for name in names}, math.nan
+        self.sums, self.steps, self.t0 = None, 0, time.time()
 
-    def write(self, **values):
-        if self.enabled:
-            row = {"run": self.run, **values, "time": round(time.time() - self.start, 3)}
+    def add(self, *parts):
+        """This step's loss parts (tensors, in the order of `names`), summed on the device: no sync."""
+        parts = torch.stack([p.detach().float() for p in parts])
+        self.sums = parts if self.sums is None else self.sums + parts
+        self.steps += 1
+
+    def after_step(self, step, lr):
+        """After optimizer step `step` (counted from 1): log if this is a log step. Every process must call it.
+        With flops_per_item (on GPUs) the line ends in the model FLOPs utilisation, as nanoGPT's does."""
+        if step % self.interval and step != self.max_iters:
+            return
+        sums = self.sums / self.steps
+        self.local_loss = sums[0].item()  # this rank's own share (the DDP tests compare it across ranks)
+        if self.world_size > 1:  # the logged loss is the mean over every process (SUM: every backend has it)
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+            sums /= self.world_size
+        elapsed = time.time() - self.t0
+        self.means, rate = dict(zip(self.names, sums.tolist())), self.steps * self.items_per_step / elapsed
+        extra = "" if not self.flops_per_item else \
+            f" | MFU {rate * self.flops_per_item / (312e12 * self.world_size) * 100:.1f}% (of A100 bf16)"
+        if self.master_process:
+            parts = ", ".join(f"{name} {value:.4f}" for name, value in list(self.means.items())[1:])
+            print(f"step {step}/{self.max_iters} | loss {self.means[self.names[0]]:.4f}" + (f" ({parts})" if parts else "")
+                  + f" | lr {lr:.1e} | {rate:.0f} {self.unit}/s | "
+                  f"{(self.max_iters - step) * elapsed / self.steps:.0f}s left{extra}")
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({"run": self.run, "step": step, **self.means, "lr": lr,
+                                    f"{self.unit}_per_s": rate, "time": round(time.time() - self.start, 3)}) + "\n")
+        self.sums, self.steps, self.t0 = None, 0, time.time()
 
 
 class Progress:

@@ -93,7 +93,8 @@ if "latent_scale" not in ae_state:
 # checkpoints have one), same shape, same scale
 c = ae_state["config"]
 side = ae_state["image_shape"][1] // 2 ** (len(c["ch_mult"]) - 1)
-same_latents = prior_state.get("latents_fingerprint", "?") == ae_state.get("latents_fingerprint", "?")
+prints = prior_state.get("latents_fingerprint"), ae_state.get("latents_fingerprint")  # None in older checkpoints
+same_latents = None in prints or prints[0] == prints[1]
 if (prior_state["latent_shape"] != [c["z_channels"], side, side] or prior_state["latent_scale"] != ae_state["latent_scale"]
         or not same_latents):
     fail(f"{prior_path} was trained on other latents than {ae_path}'s (shape {prior_state['latent_shape']} vs "
@@ -162,24 +163,23 @@ if args.save_npz:
     pixels = ((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.savez(args.save_npz, arr_0=pixels)
     print(f"wrote {pixels.shape} uint8 to {args.save_npz}")
-if not args.eval:
-    raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # --eval: how close are the samples to held-out images, next to the references that put the number in
 # context (distance.score_samples). FD is measured in the features of distance.py's evaluator CNN,
 # trained offline on this dataset: it is not FID, and only comparable under the same evaluator.
-latents = load_checkpoint(os.path.join(ae_dir, "latents.pt"), "latents",
-                          command("train_ae.py", "--stage", ae_state["stage"], "--out_dir", ae_dir))
-asked = None  # the class each sample was asked for, as generate() cycles them
-if num_classes:
-    asked = torch.arange(args.num_samples) % num_classes if args.class_label is None else \
-        torch.full((args.num_samples,), args.class_label)
-metrics = score_samples(samples, asked, ae, ae_state, latents, args.out_dir, device, args.eval_steps, args.seed,
-                        args.batch_size, args.split)
-metrics.update(prior_loss=prior_state.get("loss"), ae=ae_path, prior=prior_path,
-               sampler={"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
-                        "ema": not args.no_ema, "seed": args.seed})
-with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
-print(f"wrote {os.path.join(args.out_dir, 'metrics.json')}")
+if args.eval:
+    latents = load_checkpoint(os.path.join(ae_dir, "latents.pt"), "latents",
+                              command("train_ae.py", "--stage", ae_state["stage"], "--out_dir", ae_dir))
+    asked = None  # the class each sample was asked for, as generate() cycles them
+    if num_classes:
+        asked = torch.arange(args.num_samples) % num_classes if args.class_label is None else \
+            torch.full((args.num_samples,), args.class_label)
+    metrics = score_samples(samples, asked, ae, ae_state, latents, args.out_dir, device, args.eval_steps, args.seed,
+                            args.batch_size, args.split)
+    metrics.update(prior_loss=prior_state.get("loss"), ae=ae_path, prior=prior_path,
+                   sampler={"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
+                            "ema": not args.no_ema, "seed": args.seed})
+    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(f"wrote {os.path.join(args.out_dir, 'metrics.json')}")

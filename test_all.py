@@ -12,7 +12,8 @@ from model import Attention, Autoencoder, Decoder, DiT, DiTBlock, GaussianDiffus
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_AE = ["--max_iters", "4", "--batch_size", "8", "--log_interval", "2", "--ckpt_interval", "2"]
 TINY_PRIOR = ["--max_iters", "4", "--batch_size", "8", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
-              "--log_interval", "2", "--ckpt_interval", "2", "--sample_interval", "0"]
+              "--log_interval", "2", "--ckpt_interval", "2", "--sample_interval", "0",
+              "--dtype", "float32", "--no-compile"]  # not this CPU's bf16 + compile default: tests stay quick
 def command(script, *args):  # run one of the project's scripts in a fresh process, as a user would
     return [sys.executable, os.path.join(HERE, script), *map(str, args)]
 def run(script, *args, check=True):
@@ -206,6 +207,7 @@ RESUME = {  # case: (script, files it needs from the pipeline, arguments, its ch
     "ae_stage1": ("train_ae.py", [], ["--stage", "1", "--aux_dropout", "0.3"], "ae_stage1.pt"),
     "ae_stage2": ("train_ae.py", ["ae_stage1.pt"], ["--stage", "2"], "ae.pt"),
     "prior": ("train_prior.py", ["ae.pt", "latents.pt"], TINY_PRIOR[2:], "prior.pt"),
+    "prior_bf16": ("train_prior.py", ["ae.pt", "latents.pt"], [*TINY_PRIOR[2:], "--dtype", "bfloat16"], "prior.pt"),
 }
 @pytest.mark.parametrize("case", RESUME)
 def test_resume_after_sigkill_is_exact(case, pipeline, tmp_path):

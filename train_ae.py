@@ -19,14 +19,13 @@ buys back reconstruction detail without changing the latent.
 import argparse
 import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
 from data import get_dataset, make_loader
 from model import Autoencoder, PatchDiscriminator
-from plumbing import (HelpFormatter, RunLog, average_gradients, check_out_dir, check_step_is_finite, command, fail,
+from plumbing import (HelpFormatter, TrainLog, average_gradients, check_out_dir, check_step_is_finite, command, fail,
                       finish_distributed, fingerprint, get_lr, initial_checksum, load_checkpoint, precision,
                       resume_command, save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
 
@@ -212,16 +211,35 @@ def recon_loss(x, recon):
     return (x - recon).abs().mean() if args.recon_loss == "l1" else F.mse_loss(recon, x)
 
 
+def adversarial_loss(recon, step):
+    """The autoencoder's side of VQGAN's optional adversarial loss: look real (0 while it is off)."""
+    if discriminator is None or step < args.gan_start:
+        return 0.0
+    return args.gan_weight * discriminator.generator_loss(recon)
+
+
+def train_discriminator(x, recon, step):
+    """The discriminator's own step, on its hinge loss alone (nothing while the adversarial loss is off)."""
+    if discriminator is None or step < args.gan_start:
+        return
+    with autocast:
+        d_loss = discriminator.hinge_loss(x, recon)
+    d_loss.backward()
+    average_gradients(discriminator, world_size)  # not wrapped in DDP: its gradients are averaged here
+    opt_disc.step()
+    opt_disc.zero_grad(set_to_none=True)
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 loader = make_loader(train_set, args.batch_size, args.seed, start_step, args.max_iters, rank, world_size, args.num_workers)
 if master_process:
     print(f"global batch {args.batch_size * world_size} ({world_size} process(es) x {args.batch_size}), "
           f"steps {start_step} -> {args.max_iters}")
-log = RunLog(args.out_dir, f"ae stage {args.stage}", master_process)
+log = TrainLog(args.out_dir, f"ae stage {args.stage}", ["loss", "recon", "kl"], args.log_interval, args.max_iters,
+               args.batch_size * world_size, "img", world_size, master_process)
 model.train()
-step, t0, loss_sum, logged = start_step, time.time(), torch.zeros(3, device=device), 0
-local_loss = float("nan")  # this rank's loss over the last log interval
+step = start_step
 try:
     for x, _, _ in loader:
         torch.manual_seed(step_seed(args.seed, rank, step))  # this step's draws: posterior noise, dropout
@@ -234,10 +252,7 @@ try:
             # gradient reaches the encoder) and decodes; kl is the mean KL per latent element
             recon, kl = model(x)
             rec = recon_loss(x, recon.float())
-            loss = rec + args.kl_weight * kl
-            use_gan = discriminator is not None and step >= args.gan_start
-            if use_gan:  # the autoencoder wants the discriminator to call its reconstructions real
-                loss = loss + args.gan_weight * discriminator.generator_loss(recon)
+            loss = rec + args.kl_weight * kl + adversarial_loss(recon, step)
         loss.backward()
         # clipping (a rare huge gradient early on must not wreck the weights) also measures the norm,
         # and nothing non-finite may reach the weights: every process stops together if it would
@@ -245,29 +260,10 @@ try:
         check_step_is_finite(loss, grad_norm, world_size, step, ckpt_path, args.lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if use_gan:  # the discriminator's own step, on its hinge loss alone
-            with autocast:
-                d_loss = discriminator.hinge_loss(x, recon)
-            d_loss.backward()
-            average_gradients(discriminator, world_size)
-            opt_disc.step()
-            opt_disc.zero_grad(set_to_none=True)
+        train_discriminator(x, recon, step)
         step += 1
-        loss_sum += torch.stack([loss.detach().float(), rec.detach().float(), kl.detach().float()])
-        logged += 1
-        if step % args.log_interval == 0 or step == args.max_iters:
-            local_loss = (loss_sum[0] / logged).item()  # this rank's own share, kept for the checksum line
-            if world_size > 1:  # log the mean over all processes, not rank 0's share (SUM: every backend has it)
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
-                loss_sum /= world_size
-            elapsed = time.time() - t0
-            total, rec_avg, kl_avg = (loss_sum / logged).tolist()
-            rate = logged * args.batch_size * world_size / elapsed
-            if master_process:
-                print(f"step {step}/{args.max_iters} | loss {total:.4f} (recon {rec_avg:.4f}, kl {kl_avg:.3f}) | "
-                      f"lr {lr:.1e} | {rate:.0f} img/s | {(args.max_iters - step) * elapsed / logged:.0f}s left")
-            log.write(step=step, loss=total, recon=rec_avg, kl=kl_avg, lr=lr, images_per_s=rate)
-            t0, loss_sum, logged = time.time(), torch.zeros(3, device=device), 0
+        log.add(loss, rec, kl)
+        log.after_step(step, lr)
         if master_process and (step % args.ckpt_interval == 0 or step == args.max_iters):
             save_checkpoint(checkpoint(step), ckpt_path)
 except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to continue
@@ -278,7 +274,7 @@ except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to co
 
 # -----------------------------------------------------------------------------
 # after training: measure on the validation split, and for the final autoencoder cache the latents
-finish_distributed(raw_model, rank, world_size, local_loss)  # every rank ends with the same weights
+finish_distributed(raw_model, rank, world_size, log.local_loss)  # every rank ends with the same weights
 if not master_process:
     raise SystemExit(0)
 raw_model.eval()

@@ -15,15 +15,14 @@ import contextlib
 import copy
 import math
 import os
-import time
 
 import torch
 
 from data import StepSampler
 from model import DiT, GaussianDiffusion
-from plumbing import (HelpFormatter, RunLog, check_out_dir, check_step_is_finite, command, fail, finish_distributed,
-                      get_lr, initial_checksum, load_autoencoder, load_checkpoint, precision, resume_command,
-                      save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
+from plumbing import (HelpFormatter, TrainLog, check_out_dir, check_step_is_finite, command, fail, fast_bf16_cpu,
+                      finish_distributed, get_lr, initial_checksum, load_autoencoder, load_checkpoint, precision,
+                      resume_command, save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
 
 # -----------------------------------------------------------------------------
 # every knob is an option; the defaults train a tiny DiT on the built-in shapes on a 2-core CPU in 5-7 minutes.
@@ -53,9 +52,10 @@ parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (w
 # system: device, compilation, how often to log, save and draw samples
 parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
-parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda)")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                    help="torch.compile (default: on for cuda and for CPUs with bf16 matrix units)")
 parser.add_argument("--dtype", choices=["float32", "bfloat16"],
-                    help="compute precision, through autocast (default: bfloat16 on cuda, float32 elsewhere)")
+                    help="compute precision, through autocast (default: bfloat16 where --compile is on, else float32)")
 parser.add_argument("--log_interval", type=int, default=250, help="steps between log lines")
 parser.add_argument("--ckpt_interval", type=int, default=1000, help="steps between checkpoints")
 parser.add_argument("--sample_interval", type=int, default=2000, help="steps between sample grids (0 = only at the end)")
@@ -77,7 +77,11 @@ rank, world_size, device = setup_distributed(args.device)  # also checks that --
 master_process = rank == 0  # only rank 0 prints and writes files
 check_out_dir(args.out_dir, master_process)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-args.dtype, autocast = precision(device, args.dtype)  # bf16 autocast on GPUs, float32 on cpu unless asked
+# bf16 autocast and torch.compile on GPUs and on CPUs with bf16 matrix units (see plumbing.fast_bf16_cpu)
+fast_cpu = device_type == "cpu" and fast_bf16_cpu()
+args.dtype, autocast = precision(device, args.dtype, fast_cpu)
+if fast_cpu and master_process and args.dtype == "bfloat16":
+    print("this cpu has bf16 matrix units: bf16 autocast and torch.compile (--dtype float32 --no-compile for neither)")
 
 # the latents: posterior means and stds of the whole training set, written once by train_ae.py
 make_latents = (command("train_ae.py", "--stage", "1", "--out_dir", args.out_dir) + " && "
@@ -132,7 +136,7 @@ if master_process:
           f"{num_classes} classes; latents {latent_shape} x {len(labels)}, scale {latent_scale:.4f}")
 raw_model = model  # checkpoints save the plain module, never the compiled or DDP wrapper
 initial_checksum(raw_model, rank, world_size)
-model = wrap_model(model, args.compile, device, world_size, master_process)
+model = wrap_model(model, args.compile, device, world_size, master_process, fast_cpu)
 
 
 def checkpoint(step):
@@ -141,7 +145,7 @@ def checkpoint(step):
     return {"kind": "prior", "step": step, "config": vars(args), "dit_config": dit_config,
             "latent_shape": list(latent_shape), "latent_scale": latent_scale, "num_classes": num_classes,
             "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "latents_fingerprint": latents.get("fingerprint"), "loss": last_loss}  # the mean training loss over the last log interval
+            "latents_fingerprint": latents.get("fingerprint"), "loss": log.means["loss"]}  # the last logged loss
 
 
 @torch.no_grad()
@@ -170,11 +174,12 @@ sampler = StepSampler(len(labels), micro * args.grad_accum, args.seed, start_ste
 if master_process:
     print(f"global batch {global_batch} = {world_size} process(es) x {args.grad_accum} accumulation x {micro}; "
           f"steps {start_step} -> {args.max_iters}")
-log = RunLog(args.out_dir, "prior", master_process)
+log = TrainLog(args.out_dir, "prior", ["loss"], args.log_interval, args.max_iters, global_batch, "latents", world_size,
+               master_process, flops_per_latent() if device_type == "cuda" else None)
+if args.resume:
+    log.means["loss"] = state.get("loss", math.nan)  # what the checkpoint reports until the next log line
 model.train()  # important! label dropout on: it trains the no-class mode that CFG needs
-step, t0, loss_sum, logged = start_step, time.time(), torch.zeros(1, device=device), 0
-local_loss = float("nan")  # this rank's own loss over the last log interval
-last_loss = state.get("loss", float("nan")) if args.resume else float("nan")  # the mean over all ranks
+step = start_step
 try:
     for idx in sampler:
         torch.manual_seed(step_seed(args.seed, rank, step))  # this step's draws: t, noise, label dropout
@@ -197,32 +202,18 @@ try:
         # clipping (a rare huge gradient, a t near 0 with a bad draw, must not wreck the weights) also
         # measures the norm, and nothing non-finite may reach the weights or the EMA: all ranks stop together
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf,
-                                                   foreach=True)
+                                                   foreach=True)  # one fused call over all tensors, on cpu too
         check_step_is_finite(step_loss, grad_norm, world_size, step, ckpt_path, args.lr)
-        loss_sum += step_loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # EMA with warm-up: early on the average follows the weights closely, so short runs sample well
         decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():  # ema += (1 - decay) (weights - ema), all tensors in one call
-            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+        with torch.no_grad():
+            for ema_param, param in zip(ema_params, model_params):
+                ema_param.lerp_(param, 1 - decay)  # ema += (1 - decay) (weights - ema)
         step += 1
-        logged += 1
-        if step % args.log_interval == 0 or step == args.max_iters:
-            local_loss = loss_sum.item() / logged  # this rank's own share, kept for the checksum line
-            if world_size > 1:  # the logged loss is the mean over every process (SUM: every backend has it)
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
-                loss_sum /= world_size
-            last_loss = loss_sum.item() / logged  # stored in the checkpoint: the experiment tables report it
-            elapsed = time.time() - t0
-            rate = logged * global_batch / elapsed
-            if master_process:
-                mfu = f" | MFU {rate * flops_per_latent() / (312e12 * world_size) * 100:.1f}% (of A100 bf16)" \
-                    if device_type == "cuda" else ""
-                print(f"step {step}/{args.max_iters} | loss {last_loss:.4f} | lr {lr:.1e} | "
-                      f"{rate:.0f} latents/s | {(args.max_iters - step) * elapsed / logged:.0f}s left{mfu}")
-            log.write(step=step, loss=last_loss, lr=lr, latents_per_s=rate)
-            t0, loss_sum, logged = time.time(), torch.zeros(1, device=device), 0
+        log.add(step_loss)
+        log.after_step(step, lr)
         if master_process and (step % args.ckpt_interval == 0 or step == args.max_iters):
             save_checkpoint(checkpoint(step), ckpt_path)
         if master_process and args.sample_interval and step % args.sample_interval == 0 and step != args.max_iters:
@@ -234,4 +225,4 @@ except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to co
     raise SystemExit(130)
 if master_process:  # a last grid from the final EMA weights
     sample_grid(step)
-finish_distributed(raw_model, rank, world_size, local_loss)  # every rank ends with the same weights
+finish_distributed(raw_model, rank, world_size, log.local_loss)  # every rank ends with the same weights

@@ -42,6 +42,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_run_options(parser, log_interval, ckpt_interval, fast_cpu_default=False):
+    """The options both training scripts share: seed, device, compilation and precision, how often to log
+    and save, resume. With fast_cpu_default (the prior), CPUs with bf16 matrix units default to both."""
+    where = "cuda and CPUs with bf16 matrix units" if fast_cpu_default else "cuda"
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help=f"torch.compile (default: on for {where})")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help=f"compute precision, through autocast (default: bfloat16 on {where}, float32 elsewhere)")
+    parser.add_argument("--log_interval", type=int, default=log_interval, help="steps between log lines")
+    parser.add_argument("--ckpt_interval", type=int, default=ckpt_interval, help="steps between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from this run's checkpoint in --out_dir")
+
+
 def available_devices():
     """The devices this machine has, as --device spells them."""
     found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]

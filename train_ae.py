@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from data import get_dataset, make_loader
 from model import Autoencoder, PatchDiscriminator
-from plumbing import (HelpFormatter, TrainLog, average_gradients, check_out_dir, check_step_is_finite, command, fail,
-                      finish_distributed, fingerprint, get_lr, initial_checksum, load_checkpoint, precision,
-                      resume_command, save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
+from plumbing import (HelpFormatter, TrainLog, add_run_options, average_gradients, check_out_dir, check_step_is_finite,
+                      command, fail, finish_distributed, fingerprint, get_lr, initial_checksum, load_checkpoint,
+                      precision, resume_command, save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
 
 # -----------------------------------------------------------------------------
 # every knob is an option; the defaults train the built-in shapes on a laptop CPU in a few minutes.
@@ -66,15 +66,8 @@ parser.add_argument("--warmup_iters", type=int, default=50, help="linear warm-up
 parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
 # system
 parser.add_argument("--out_dir", default="out", help="where checkpoints, latents and pictures go")
-parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
-parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda)")
-parser.add_argument("--dtype", choices=["float32", "bfloat16"],
-                    help="compute precision, through autocast (default: bfloat16 on cuda, float32 elsewhere)")
 parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-parser.add_argument("--log_interval", type=int, default=50, help="steps between log lines")
-parser.add_argument("--ckpt_interval", type=int, default=250, help="steps between checkpoints")
-parser.add_argument("--resume", action="store_true", help="continue this stage from its checkpoint")
+add_run_options(parser, log_interval=50, ckpt_interval=250)  # --seed --device --compile --dtype --resume ...
 parser.add_argument("--overwrite", action="store_true", help="allow replacing a finished autoencoder of the other kind")
 args = parser.parse_args()
 INHERITED = {"data": "shapes", "data_dir": "data", "image_size": 32, "channels": 3, "data_seed": 0, "ch": 16,

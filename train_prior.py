@@ -20,9 +20,9 @@ import torch
 
 from data import StepSampler
 from model import DiT, GaussianDiffusion
-from plumbing import (HelpFormatter, TrainLog, check_out_dir, check_step_is_finite, command, fail, fast_bf16_cpu,
-                      finish_distributed, get_lr, initial_checksum, load_autoencoder, load_checkpoint, precision,
-                      resume_command, save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
+from plumbing import (HelpFormatter, TrainLog, add_run_options, check_out_dir, check_step_is_finite, command, fail,
+                      fast_bf16_cpu, finish_distributed, get_lr, initial_checksum, load_autoencoder, load_checkpoint,
+                      precision, resume_command, save_checkpoint, save_grid, setup_distributed, step_seed, wrap_model)
 
 # -----------------------------------------------------------------------------
 # every knob is an option; the defaults train a tiny DiT on the built-in shapes on a 2-core CPU in about 7 minutes.
@@ -50,16 +50,8 @@ parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weigh
 parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
 parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay (warmed up as min(decay, (1+s)/(10+s)))")
 # system: device, compilation, how often to log, save and draw samples
-parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and every random draw")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, mps")
-parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                    help="torch.compile (default: on for cuda and for CPUs with bf16 matrix units)")
-parser.add_argument("--dtype", choices=["float32", "bfloat16"],
-                    help="compute precision, through autocast (default: bfloat16 where --compile is on, else float32)")
-parser.add_argument("--log_interval", type=int, default=250, help="steps between log lines")
-parser.add_argument("--ckpt_interval", type=int, default=1000, help="steps between checkpoints")
+add_run_options(parser, log_interval=250, ckpt_interval=1000, fast_cpu_default=True)  # --seed --device --compile ...
 parser.add_argument("--sample_interval", type=int, default=2500, help="steps between sample grids (0 = only at the end)")
-parser.add_argument("--resume", action="store_true", help="continue from out_dir/prior.pt")
 args = parser.parse_args()
 # refuse nonsense before any work is done, in one line each
 for name in ("max_iters", "batch_size", "grad_accum", "hidden_size", "depth", "num_heads", "patch_size",

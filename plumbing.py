@@ -177,7 +177,7 @@ def finish_distributed(raw_model, rank, world_size, local_loss):
     if world_size == 1:
         return
     checksum = sum(p.detach().double().sum() for p in raw_model.parameters()).item()
-    print(f"rank {rank}: parameter checksum {checksum!r} | own loss {local_loss:.6f}")
+    print(f"rank {rank}: parameter checksum {checksum!r} | own loss {local_loss:.6f}", flush=True)  # one write
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -185,7 +185,8 @@ def finish_distributed(raw_model, rank, world_size, local_loss):
 def initial_checksum(raw_model, rank, world_size):
     """The same seed on every rank gives the same initial weights; print their sum to show it."""
     if world_size > 1:
-        print(f"rank {rank}: initial checksum {sum(p.detach().double().sum() for p in raw_model.parameters()).item()!r}")
+        checksum = sum(p.detach().double().sum() for p in raw_model.parameters()).item()
+        print(f"rank {rank}: initial checksum {checksum!r}", flush=True)
 
 
 def resume_command():

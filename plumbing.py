@@ -171,22 +171,33 @@ def check_step_is_finite(loss, grad_norm, world_size, step, ckpt_path, lr):
              f"(now {lr}) and continue with --resume")
 
 
-def finish_distributed(raw_model, rank, world_size, local_loss):
-    """Under DDP every rank must end with the same weights: print a checksum (the tests compare them)
-    and this rank's own loss, then leave together (gloo aborts a rank whose peer has hung up)."""
-    if world_size == 1:
-        return
-    checksum = sum(p.detach().double().sum() for p in raw_model.parameters()).item()
-    print(f"rank {rank}: parameter checksum {checksum!r} | own loss {local_loss:.6f}", flush=True)  # one write
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+def checksum(raw_model):
+    """Sum of every parameter in float64: equal on two DDP ranks only if their weights are equal."""
+    return sum(p.detach().double().sum() for p in raw_model.parameters()).item()
 
 
 def initial_checksum(raw_model, rank, world_size):
     """The same seed on every rank gives the same initial weights; print their sum to show it."""
     if world_size > 1:
-        checksum = sum(p.detach().double().sum() for p in raw_model.parameters()).item()
-        print(f"rank {rank}: initial checksum {checksum!r}", flush=True)
+        print(f"rank {rank}: initial checksum {checksum(raw_model)!r}", flush=True)
+
+
+def average_gradients(module, world_size):
+    """For a module that DDP does not wrap (the GAN discriminator): the mean gradient over processes."""
+    if world_size > 1:
+        for p in module.parameters():
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad /= world_size
+
+
+def finish_distributed(raw_model, rank, world_size, local_loss):
+    """Under DDP every rank must end with the same weights: print a checksum (the tests compare them)
+    and this rank's own loss, then leave together (gloo aborts a rank whose peer has hung up)."""
+    if world_size == 1:
+        return
+    print(f"rank {rank}: parameter checksum {checksum(raw_model)!r} | own loss {local_loss:.6f}", flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def resume_command():
@@ -368,11 +379,3 @@ def load_prior(path, make_it, device="cpu", ema=True):
     prior = DiT(**state["dit_config"])
     prior.load_state_dict(state["ema" if ema else "model"])
     return prior.to(device).eval().requires_grad_(False), state
-
-
-def average_gradients(module, world_size):
-    """For a module that DDP does not wrap (the GAN discriminator): the mean gradient over processes."""
-    if world_size > 1:
-        for p in module.parameters():
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-            p.grad /= world_size

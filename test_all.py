@@ -545,8 +545,8 @@ def ddp_gradient_worker(rank, init_file, batch, result_file):
     F.mse_loss(model(x, t, y), target).backward()
     if rank == 0:
         torch.save([p.grad for p in model.module.parameters()], result_file)
-    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer has already hung up (seen in CI)
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # leave together, and skip gloo's C++ teardown, which CI saw abort (SIGABRT)
+    os._exit(0)
 
 
 def test_ddp_gradient_equals_one_process_on_the_union(tmp_path):

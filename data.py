@@ -1,5 +1,6 @@
 """
-The data: the datasets, and the step-indexed batch sampler that shards batches across DDP ranks.
+The data: the datasets, whole splits as tensors (for the evaluator), and the step-indexed batch
+sampler that shards batches across DDP ranks.
 
 Datasets (every item is `(image, label, factors)`, image a float tensor in [-1, 1] of shape (C, H, W)):
   shapes   built in, no files: anti-aliased circles, squares and triangles with known generative
@@ -13,6 +14,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from plumbing import fail
 
@@ -193,6 +195,30 @@ def carve(dataset, count, seed):
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     count = max(1, count)
     return torch.utils.data.Subset(dataset, order[:count]), torch.utils.data.Subset(dataset, order[count:])
+
+
+# -----------------------------------------------------------------------------
+# whole splits as tensors, and the one augmentation (distance.train_evaluator uses both)
+
+
+def load_split(dataset, max_count=None):
+    """The first max_count items of a dataset as three tensors: images, labels, factors."""
+    count = len(dataset) if max_count is None else min(max_count, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=500)
+    images, labels, factors = zip(*loader)
+    return torch.cat(images), torch.cat(labels), torch.cat(factors)
+
+
+def shift_images(images, max_shift, generator):
+    """Shift each image by its own random whole number of pixels in [-max_shift, max_shift] along each axis,
+    repeating the border pixels into the gap: the augmentation that keeps a class a class."""
+    n, size = len(images), images.shape[-1]
+    pixels = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).float()
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = -2 * pixels / size  # grid coordinates span 2 over `size` pixels
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="border", align_corners=False)
 
 
 # -----------------------------------------------------------------------------

@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import FACTOR_NAMES, get_dataset, render_iou
+from data import FACTOR_NAMES, get_dataset, load_split, render_iou, shift_images
 from model import Decoder
 from plumbing import (HelpFormatter, check_device, check_out_dir, command, fail, get_lr, load_autoencoder,
-                      load_checkpoint, save_checkpoint)
+                      load_checkpoint, save_checkpoint, table_line)
 
 # -----------------------------------------------------------------------------
 # the complexity-motivated distance: best reconstruction error within decoder classes of growing width
@@ -184,40 +184,50 @@ def features(net, images, batch_size=500):
     return evaluate(net, images, batch_size)[0]
 
 
-def load_split(dataset, max_count=None):
-    """The first max_count items of a dataset as three tensors: images, labels, factors."""
-    count = len(dataset) if max_count is None else min(max_count, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=500)
-    images, labels, factors = zip(*loader)
-    return torch.cat(images), torch.cat(labels), torch.cat(factors)
-
-
-def train_evaluator(train, val, image_shape, num_classes, steps=400, batch_size=128, lr=2e-3, seed=0, device="cpu"):
-    """Train the evaluator on (images, labels, factors) tensors: cross-entropy on the class plus the
-    MSE of the standardised factors. Everything random comes from `seed`, so the evaluator, and with
-    it every FD, is the same on every run. Returns (net, info) with its validation accuracy and R^2."""
+def train_evaluator(train, val, image_shape, num_classes, steps=400, batch_size=128, lr=2e-3, seed=0, device="cpu",
+                    augment=None, checks=10):
+    """Train the evaluator on (images, labels, factors) tensors: cross-entropy on the class plus the MSE
+    of the standardised factors; everything random comes from `seed`, so every FD is the same on every run.
+    On small data a CNN can memorise its images, so: the best of `checks` weights on the validation loss
+    is kept (early stopping), and data without factors (folders, mnist, cifar10) gets random shifts of up
+    to 1/16 of the side (a shape's factors include its position). Returns (net, info: validation accuracy,
+    the kept step and, on the shapes, the factors' R^2)."""
     (images, labels, factors), t0 = train, time.time()
+    augment = factors.shape[1] == 0 if augment is None else augment
     torch.manual_seed(seed)
     net = Evaluator(image_shape[0], image_shape[1], num_classes, factors.shape[1]).to(device)
     if factors.shape[1]:
         net.factor_mean.copy_(factors.mean(0))
         net.factor_std.copy_(factors.std(0).clamp_min(1e-6))
+
+    def loss_of(x, y, f):
+        _, logits, predicted = net(x.to(device))
+        loss = F.cross_entropy(logits, y.to(device))
+        if factors.shape[1]:  # compared in standardised units, so every factor weighs the same
+            loss = loss + F.mse_loss((predicted - net.factor_mean) / net.factor_std,
+                                     (f.to(device) - net.factor_mean) / net.factor_std)
+        return loss
+
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    order = torch.Generator().manual_seed(seed)
+    order, shifts = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    best = (math.inf, 0, None)  # (validation loss, step, weights)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, lr, steps // 20, steps, lr / 10)
         idx = torch.randint(len(images), (batch_size,), generator=order)
-        _, logits, predicted = net(images[idx].to(device))
-        loss = F.cross_entropy(logits, labels[idx].to(device))
-        if factors.shape[1]:  # compared in standardised units, so every factor weighs the same
-            loss = loss + F.mse_loss((predicted - net.factor_mean) / net.factor_std,
-                                     (factors[idx].to(device) - net.factor_mean) / net.factor_std)
-        loss.backward()
+        x = shift_images(images[idx], image_shape[1] // 16, shifts) if augment else images[idx]
+        loss_of(x, labels[idx], factors[idx]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % max(1, steps // checks) == 0 or step + 1 == steps:  # early stopping on val
+            with torch.no_grad():  # on at most 2,000 validation images, in one batch
+                val_loss = loss_of(*[t[:2000] for t in val]).item()
+            if val_loss < best[0]:
+                best = (val_loss, step + 1, {k: v.clone() for k, v in net.state_dict().items()})
+    net.load_state_dict(best[2])
     _, logits, predicted = evaluate(net, val[0])
-    info = {"accuracy": (logits.argmax(1) == val[1]).float().mean().item(), "train_seconds": time.time() - t0}
+    info = {"accuracy": (logits.argmax(1) == val[1]).float().mean().item(), "kept_step": best[1],
+            "augment": augment, "train_seconds": time.time() - t0}
     if factors.shape[1]:
         # R^2 = 1 - (error variance / factor variance), per factor. A circle looks the same at every angle,
         # so for the rotation factors the best possible R^2 is about 2/3 (circles are a third of the data)
@@ -235,7 +245,8 @@ def get_evaluator(out_dir, train_set, val_set, image_shape, num_classes, data_co
     num_factors = train_set[0][2].numel()
     config = {**{k: data_config.get(k) for k in ("data", "data_dir", "data_seed", "image_size", "channels")},
               "num_train": min(len(train_set), 20_000), "image_shape": list(image_shape), "num_classes": num_classes,
-              "num_factors": num_factors, "steps": steps, "seed": seed}
+              "num_factors": num_factors, "steps": steps, "seed": seed,
+              "recipe": "early stopping on val" + (", shifts" if num_factors == 0 else "")}  # train_evaluator's
     if os.path.isfile(path):
         state = load_checkpoint(path, "evaluator", f"rm {path} && " + command("distance.py", "--out_dir", out_dir))
         if state["config"] == config:
@@ -259,20 +270,24 @@ def score_samples(samples, asked, ae, ae_state, latents, out_dir, device="cpu", 
                   batch_size=256, split="val"):
     """Score samples against the `split` images (val while choosing, test for final figures), next to the
     rows that put the numbers in context: one Gaussian fitted to the latents (the trivial prior the DiT
-    must beat), reconstructions of the split (the best any prior could do with this decoder), and the
-    other held-out split (the floor: real images the evaluator never trained on either). Per row: FD in
+    must beat), reconstructions of the other held-out split (the best any prior could do with this
+    decoder), and that split itself (the floor: real images the evaluator never trained on either, so its
+    FD is the sampling noise of the score; every row is unpaired with the reference). Per row: FD in
     the evaluator's features and its mean term (moved when one class is drawn too often); on the shapes
     data.render_iou against the class asked for (or seen). `asked`: each sample's label, or None."""
     c = ae_state["config"]
     train_set, val_set, test_set, image_shape, _ = get_dataset(c["data"], c["data_dir"], c["image_size"],
                                                                c["channels"], c["download"], c.get("data_seed", 0))
-    (images, labels, factors), floor = [load_split(s) for s in ((val_set, test_set) if split == "val" else
+    (images, _, factors), floor = [load_split(s) for s in ((val_set, test_set) if split == "val" else
                                                                  (test_set, val_set))]
     evaluator, info = get_evaluator(out_dir, train_set, val_set, image_shape, ae_state["num_classes"], c,
                                     device, steps=eval_steps, seed=0)
     n, decode = len(samples), lambda z: torch.cat([ae.decode(b.to(device)).clamp(-1, 1).cpu() for b in z.split(batch_size)])
     with torch.no_grad():
-        recons = decode(torch.cat([ae.encode(x.to(device))[0] for x in images.split(batch_size)]))
+        # the other held-out split, reconstructed: unpaired with the reference images, like every other row
+        # (reconstructions of the reference images themselves would match them image for image and score
+        # below the floor: on a few hundred images FD is mostly the sampling noise that pairing removes)
+        recons = decode(torch.cat([ae.encode(x.to(device))[0] for x in floor[0].split(batch_size)]))
         generator = torch.Generator().manual_seed(seed)  # the posterior samples and the Gaussian's draws
         z = (latents["mean"] + latents["std"] * torch.randn(latents["std"].shape, generator=generator)).flatten(1)
         ridge = 1e-6 * torch.eye(z.shape[1], dtype=torch.float64)  # keeps the covariance positive definite
@@ -281,7 +296,7 @@ def score_samples(samples, asked, ae, ae_state, latents, out_dir, device="cpu", 
         gaussian_images = decode(gaussian.sample((n,)).float().view(n, *latents["mean"].shape[1:]))
     gaussian_seen = evaluate(evaluator, gaussian_images)[1].argmax(1)  # nothing was asked of it
     rows = {"DiT samples": (samples, asked), "Gaussian prior": (gaussian_images, gaussian_seen),
-            "reconstructions": (recons, labels), f"real ({'test' if split == 'val' else 'val'})": floor[:2]}
+            "reconstructions": (recons, floor[1]), f"real ({'test' if split == 'val' else 'val'})": floor[:2]}
     real_features, scores, shapes = features(evaluator, images), {}, factors.shape[1] > 0
     for name, (row_images, row_labels) in rows.items():  # every row against the same features: comparable
         feats = features(evaluator, row_images)
@@ -317,14 +332,6 @@ def score_samples(samples, asked, ae, ae_state, latents, out_dir, device="cpu", 
         print(f"the evaluator sees the requested class in {metrics['class_match']:.1%} of the DiT samples; "
               f"it sees the classes in the shares {', '.join(f'{share:.2f}' for share in metrics['class_shares'])}")
     return metrics
-
-
-def table_line(name, row, columns):
-    """One aligned line of a printed table; columns are (key, heading, format); '-' where row lacks a key,
-    and the headings when row is None."""
-    if row is None:
-        return f"{name:18}" + "".join(f"{heading:>10}" for _, heading, _ in columns)
-    return f"{name:18}" + "".join(f"{format(row[k], fmt) if k in row else '-':>10}" for k, _, fmt in columns)
 
 
 # -----------------------------------------------------------------------------

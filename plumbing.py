@@ -322,6 +322,14 @@ def get_lr(step, lr, warmup_iters, max_iters, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def table_line(name, row, columns):
+    """One aligned line of a printed table; columns are (key, heading, format); '-' where row lacks a key,
+    and the headings when row is None."""
+    if row is None:
+        return f"{name:18}" + "".join(f"{heading:>10}" for _, heading, _ in columns)
+    return f"{name:18}" + "".join(f"{format(row[k], fmt) if k in row else '-':>10}" for k, _, fmt in columns)
+
+
 def save_grid(images, path, nrow=8):
     """Save images in [-1, 1] of shape (N, C, H, W) as one PNG grid."""
     from torchvision.utils import save_image  # torchvision only when a picture is written

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -140,7 +141,7 @@ def test_step_sampler_shards_and_resumes_and_lr_schedule():
 
 
 # ---- the autoencoder and the DAE's two stages --------------------------------------------------------------------
-def test_autoencoder_shapes_and_weak_decoders():
+def test_autoencoder_shapes_weak_decoders_and_a_frozen_encoder():
     ae, x = Autoencoder(), torch.randn(2, 1, 32, 32)
     (mean, std), (recon, kl) = ae.encode(x), ae(x)
     assert mean.shape == std.shape == (2, 4, 8, 8) and (std > 0).all() and recon.shape == x.shape and kl >= 0
@@ -149,9 +150,6 @@ def test_autoencoder_shapes_and_weak_decoders():
     assert params == sorted(set(params)) and params[3] > 8 * params[1]  # every width a distinct, smaller class
     dropped, z = Decoder(dropout=0.5).train(), torch.randn(2, 4, 8, 8)
     assert not torch.equal(dropped(z), dropped(z)) and torch.equal(dropped.eval()(z), dropped(z))  # train vs eval
-
-
-def test_frozen_encoder_gets_no_gradient_and_stays_in_eval_mode():
     ae, x = Autoencoder(dropout=0.5).freeze_encoder(), torch.randn(4, 1, 32, 32)
     ae.train()  # what the training loop calls: must not wake the encoder up
     assert not ae.encoder.training and ae.decoder.training
@@ -223,7 +221,7 @@ def small_dit(randomise=False, **kw):
     return dit
 
 
-def test_dit_state_dict_matches_the_original_layout():
+def test_dit_state_dict_matches_the_original_layout_and_patchify_round_trips():
     dit, D = small_dit(learn_sigma=True), 64
     block = {"attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.fc1": (4 * D, D), "mlp.fc2": (D, 4 * D),
              "adaLN_modulation.1": (6 * D, D)}
@@ -239,9 +237,6 @@ def test_dit_state_dict_matches_the_original_layout():
     assert torch.equal(pe[0, D // 2:], pe[1, D // 2:]) and not torch.equal(pe[0, D // 2:], pe[4, D // 2:])
     with pytest.raises(ValueError, match="square"):
         DiT(input_size=(8, 4), patch_size=2)
-
-
-def test_patchify_unpatchify_round_trip():
     dit, x = small_dit(), torch.randn(3, 4, 8, 8)
     assert torch.equal(dit.unpatchify(rearrange(x, "n c (h p) (w q) -> n (h w) (p q c)", p=2, q=2)), x)
     moved = x.clone()  # the patch embedding reads the same patch as token k: move one patch, one token moves
@@ -250,14 +245,11 @@ def test_patchify_unpatchify_round_trip():
     assert changed.nonzero().flatten().tolist() == [6]
 
 
-def test_adaln_zero_block_starts_as_identity_and_dit_outputs_zero():
+def test_adaln_zero_starts_at_zero_and_the_dit_depends_on_t_and_y_and_compiles_to_the_same_function():
     block, x = DiTBlock(64, 4), torch.randn(2, 16, 64)
     [torch.nn.init.zeros_(p) for p in block.adaLN_modulation[-1].parameters()]  # adaLN-Zero
     assert torch.equal(block(x, torch.randn(2, 64)), x)
     assert torch.equal(small_dit()(torch.randn(2, 4, 8, 8), torch.tensor([3, 5]), torch.tensor([0, 1])), torch.zeros(2, 4, 8, 8))
-
-
-def test_dit_output_depends_on_t_and_y_and_compiles_to_the_same_function():
     dit, x, t, y = small_dit(True).eval(), torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.tensor([0, 0])
     out = dit(x, t, y)
     assert torch.allclose(torch.compile(dit)(x, t, y), out, atol=1e-5)  # compiled, GELU takes its sigmoid form
@@ -320,7 +312,7 @@ def test_samplers_reach_a_known_gaussian(steps, eta):
 
 # ---- the distance and the scores ---------------------------------------------------------------------------------
 def test_capacity_curve_ranks_a_latent_with_less_information_worse():
-    images = distance.load_split(data.ShapesDataset("train", size=2048))[0]
+    images = data.load_split(data.ShapesDataset("train", size=2048))[0]
     latents = {"8x8 means": lambda x: F.avg_pool2d(x, 4).repeat(1, 4, 1, 1),  # the image, block-averaged
                "2x2 means": lambda x: F.interpolate(F.avg_pool2d(x, 16), scale_factor=4).repeat(1, 4, 1, 1),
                "noise": lambda x: torch.randn(x.shape[0], 4, 8, 8)}  # nothing about the image at all
@@ -329,7 +321,7 @@ def test_capacity_curve_ranks_a_latent_with_less_information_worse():
     assert l1["8x8 means"] < l1["2x2 means"] < l1["noise"], l1
 
 
-def test_frechet_distance_basics():
+def test_frechet_distance_and_precision_recall_on_known_answers():
     fd, g = distance.frechet_distance, torch.Generator().manual_seed(0)
     a, b = torch.randn(20_000, 4, generator=g), 2 * torch.randn(20_000, 4, generator=g) + 1
     assert fd(a, a) == pytest.approx(0, abs=1e-9) and fd(a, b) == pytest.approx(fd(b, a), rel=1e-9)
@@ -338,9 +330,6 @@ def test_frechet_distance_basics():
         fd(torch.full((5, 4), math.nan), a)
     with pytest.raises(SystemExit, match="at least 2"):
         fd(a[:1], a)
-
-
-def test_precision_and_recall_separate_fidelity_from_coverage():
     g, centres = torch.Generator().manual_seed(0), torch.tensor([[0.0, 0, 0, 0], [10, 0, 0, 0], [0, 10, 0, 0]])
     labels = torch.arange(3000) % 3  # three well-separated classes
     real, fake = [centres[labels] + torch.randn(3000, 4, generator=g) for _ in range(2)]
@@ -353,25 +342,37 @@ def test_precision_and_recall_separate_fidelity_from_coverage():
     assert precision < 0.2
 
 
-def test_evaluator_fd_sees_blur_noise_and_missing_classes_and_its_cache_is_keyed_on_the_data(tmp_path, capsys):
-    train, held = [distance.load_split(data.ShapesDataset(split, size=4000)) for split in ("train", "val")]
-    net, info = distance.train_evaluator(train, held, (1, 32, 32), 3, steps=300)
-    assert info["accuracy"] > 0.95
-    a, b, labels = held[0][:2000], held[0][2000:], held[1][:2000]
-    sets = {"half": a, "other half": b, "blurred": F.avg_pool2d(F.pad(a, (1, 1, 1, 1), mode="replicate"), 3, stride=1),
-            "noisy": (a + 0.2 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1),
-            "circles only": a[labels == 0]}
-    fd = {name: distance.frechet_distance(distance.features(net, x), distance.features(net, b)) for name, x in sets.items()}
-    floor = fd["half"]  # two halves of the same distribution
-    assert fd["blurred"] > 3 * floor and fd["noisy"] > 3 * floor and fd["circles only"] > 10 * floor
-    nets = [distance.train_evaluator(train, held, (1, 32, 32), 3, steps=20)[0] for _ in range(2)]  # the same seed:
-    assert torch.equal(distance.features(nets[0], a), distance.features(nets[1], a))  # the same features, same FD
+def test_evaluator_on_a_small_folder_stops_early_ranks_damage_alike_and_scores_unpaired_and_is_cached(tmp_path, capsys):
+    from PIL import Image
+    own = tmp_path / "own"  # 900 images of one's own in 3 class folders, read at 16x16: 720 train, 90 val, 90 test
+    for i, (image, label, _) in enumerate(data.ShapesDataset("train", size=900)):
+        os.makedirs(own / str(label.item()), exist_ok=True)
+        Image.fromarray(((image[0] + 1) * 127.5).round().byte().numpy()).save(own / str(label.item()) / f"{i}.png")
+    train, val, (x, labels, _) = [data.load_split(s) for s in data.get_dataset("folder", str(own), 16, 1)[:3]]
+    fit = lambda val, steps=200, seed=0: distance.train_evaluator(train, val, (1, 16, 16), 3, steps=steps, seed=seed)
+    (net, info), early = fit(val), fit((val[0], (val[1] + 1) % 3, val[2]))[1]["kept_step"]  # with val labels that
+    assert info["augment"] and info["accuracy"] > 0.5 and early < 100 < info["kept_step"]  # training only gets wrong
+    damaged = {"as is": x, "blurred": F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1),
+               "more blurred": F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1),
+               "noisy": (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1),
+               "no circles": x[labels != 0]}
+    for seed, first in ((0, net), (1, None)):  # two evaluators, two seeds, one order: the floor (test vs val) lowest
+        net = fit(val, seed=seed)[0]
+        fd = {k: distance.frechet_distance(*[distance.features(net, d) for d in (d, val[0])]) for k, d in damaged.items()}
+        assert fd["as is"] < fd["blurred"] < fd["more blurred"] and fd["as is"] < min(fd["noisy"], fd["no circles"])
+        assert first is None or torch.equal(distance.features(first, x), distance.features(net, x))  # same seed, same
+    perfect = SimpleNamespace(encode=lambda x: (x, None), decode=lambda z: z)  # reconstructs every image exactly
+    config = {"data": "folder", "data_dir": str(own), "image_size": 16, "channels": 1, "download": False}
+    m = distance.score_samples(x, None, perfect, {"config": config, "num_classes": 3, "stage": "2"},
+                               {"mean": train[0][:300], "std": torch.zeros(300, 1, 16, 16)}, str(tmp_path), eval_steps=200)
+    assert m["fd"] == m["fd_recon"] == m["fd_real"] > 0  # test images against val: never against themselves
+    capsys.readouterr()  # the evaluator cache: reused for the same data, retrained for other data
     config = {"data": "shapes", "data_dir": "data", "data_seed": 0, "image_size": 32, "channels": 3}
     for data_config in (config, config, {**config, "data_seed": 1}):
         distance.get_evaluator(str(tmp_path), *[data.ShapesDataset(s, size=300) for s in ("train", "val")], (1, 32, 32),
                                3, data_config, steps=5)
     printed = capsys.readouterr().out
-    assert printed.count("training the evaluator") == 2 and "retraining" in printed  # cached, then another seed
+    assert printed.count("training the evaluator") == printed.count("retraining") == 2  # folder -> shapes, seed 0 -> 1
 
 
 def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
@@ -532,9 +533,8 @@ def test_torchrun_two_processes(script, pipeline, tmp_path):
     own = [float(loss) for _, loss in end]  # different shards, different losses; the log shows their mean
     logged = float(re.search(r"step 4/4 \| loss (\S+)", proc.stdout).group(1))
     assert own[0] != own[1] and logged == pytest.approx(sum(own) / 2, abs=1e-4)
-    written = {"train_ae.py": {"ae_stage1.pt", "recon_stage1.png", "latents.pt", "log.jsonl"},
-               "train_prior.py": {"latents.pt", "prior.pt", "log.jsonl"}}
-    assert set(os.listdir(tmp_path)) == written[script]  # no stray temporary files from a second writer
+    written = {"ae_stage1.pt", "recon_stage1.png"} if script == "train_ae.py" else {"prior.pt"}
+    assert set(os.listdir(tmp_path)) == {"latents.pt", "log.jsonl"} | written  # no stray files from a second writer
 
 
 def ddp_gradient_worker(rank, init_file, batch, result_file):

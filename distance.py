@@ -41,7 +41,8 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
                    batch_size=32, lr=2e-3, seed=0, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
                    evaluator=None, eval_labels=None, device="cpu"):
     """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x)
-    back to x (L1 loss, AdamW, `steps` steps), then score it on images it never saw. One row per width:
+    back to x (L1 loss, AdamW, `steps` steps; a (width, dropout) pair trains with dropout, like stage 1's
+    auxiliary decoder), then score it on images it never saw. One row per width:
       params   size of the probe: the complexity of the decoder class G
       l1       mean |g(e(x)) - x| per pixel: the upper bound on D_G (W1 with the L1 ground cost), as well
                as this budget of steps can find the best g in G; psnr: the same error in dB
@@ -59,10 +60,10 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
     real_features = features(evaluator, eval_images) if evaluator is not None else None
     rows = []
     for width in widths:
-        t0 = time.time()
+        (width, dropout), t0 = width if isinstance(width, tuple) else (width, 0.0), time.time()
         torch.manual_seed(seed)  # the same initialisation stream and batches for every width
         # the autoencoder's 1x1 post_quant_conv is left out: a linear map the first 3x3 conv absorbs
-        probe = Decoder(train_images.shape[1], ch, list(ch_mult), num_res_blocks, z_train.shape[1], 0.0, width).to(device)
+        probe = Decoder(train_images.shape[1], ch, list(ch_mult), num_res_blocks, z_train.shape[1], dropout, width).to(device)
         out_shape = tuple(probe(z_train[:1]).shape[1:])
         if out_shape != tuple(train_images.shape[1:]):
             fail(f"a probe decoder with ch_mult {list(ch_mult)} turns {tuple(z_train.shape[1:])} latents into "
@@ -77,11 +78,11 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        probe.eval()
+        probe.eval()  # dropout off: the class is the decoders it trains, used without dropout
         with torch.no_grad():
             recon = torch.cat([probe(z).clamp(-1, 1).cpu() for z in z_eval.split(256)])
         mse = ((recon - eval_images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
-        row = {"width": width, "params": sum(p.numel() for p in probe.parameters()),
+        row = {"width": width, "dropout": dropout, "params": sum(p.numel() for p in probe.parameters()),
                "l1": (recon - eval_images).abs().mean().item(),
                "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()}
         if evaluator is not None:
@@ -90,7 +91,7 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
                 row["render_iou"] = render_iou(recon, eval_labels).mean().item()
         row["seconds"] = time.time() - t0
         rows.append(row)
-        print(table_line(f"width {width}", row, CURVE_COLUMNS))
+        print(table_line(f"width {width}" + (f" drop {dropout}" if dropout else ""), row, CURVE_COLUMNS))
     return rows
 
 
@@ -173,8 +174,7 @@ class Evaluator(nn.Module):
 @torch.no_grad()
 def evaluate(net, images, batch_size=500):
     """Run the evaluator over images in eval mode, batch by batch: (features, logits, factors) on cpu."""
-    net.eval()
-    device = next(net.parameters()).device
+    device = next(net.eval().parameters()).device
     outputs = [net(batch.to(device).float()) for batch in images.split(batch_size)]
     return [torch.cat([out[k] for out in outputs]).cpu() for k in range(3)]
 
@@ -238,9 +238,8 @@ def train_evaluator(train, val, image_shape, num_classes, steps=400, batch_size=
 
 def get_evaluator(out_dir, train_set, val_set, image_shape, num_classes, data_config, device="cpu",
                   steps=400, seed=0):
-    """The evaluator cached in out_dir/evaluator.pt, retrained when its key differs: everything it depends on,
-    the data (`data_config`: the autoencoder's data options), the training images, its steps and seed.
-    Returns (net in eval mode, info: accuracy, factor_r2 on the shapes data, config)."""
+    """The evaluator cached in out_dir/evaluator.pt, retrained when its key (the data options in `data_config`,
+    the images, steps, seed, recipe) differs. Returns (net in eval mode, info: accuracy, factor_r2, config)."""
     path = os.path.join(out_dir, "evaluator.pt")
     num_factors = train_set[0][2].numel()
     config = {**{k: data_config.get(k) for k in ("data", "data_dir", "data_seed", "image_size", "channels")},
@@ -381,9 +380,10 @@ def main():
         reference["render_iou"] = render_iou(floor_images, floor_labels).mean().item()
     print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): {args.steps} probe steps per width")
     print(table_line("", None, CURVE_COLUMNS) + "\n" + table_line("real images", reference, CURVE_COLUMNS))
-    # the latent: posterior means, the deterministic map e(x) the bound speaks of. With a small KL
-    # weight the posterior std is much smaller than the spread of the means
-    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, widths, args.steps,
+    # the latent: posterior means, the map e(x) the bound speaks of; the last class: stage 1's auxiliary decoder
+    aux = (c.get("aux_width", 1.0), c.get("aux_dropout", 0.0))
+    classes = widths + ([aux] if aux[1] > 0 or aux[0] not in widths else [])  # (unless it is one of the widths)
+    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, classes, args.steps,
                           args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
                           evaluator, eval_labels if factors.shape[1] else None, args.device)
     # out_dir/distance.json for ae.pt; another checkpoint gets its own file, e.g. distance_ae_stage1.json

@@ -349,8 +349,8 @@ class GaussianDiffusion(nn.Module):
         return F.mse_loss(eps.float(), noise)
 
     def guided_eps(self, model, x, t, y, cfg_scale, null_label):
-        """Classifier-free guidance in one place: eps = eps(x|none) + s (eps(x|y) - eps(x|none)),
-        on every channel. Scale 1 is the plain conditional model, so it skips the second pass."""
+        """Classifier-free guidance in one place: eps = eps(x|none) + s (eps(x|y) - eps(x|none)), on every channel;
+        s = 1 is the conditional model (one pass). The samplers guide only t < guide_below (sample.py says why)."""
         if cfg_scale == 1.0:
             return model(x, t, y)[:, :x.shape[1]]
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
@@ -358,13 +358,13 @@ class GaussianDiffusion(nn.Module):
         return uncond + cfg_scale * (cond - uncond)
 
     @torch.no_grad()
-    def ddpm_sample(self, model, noise, y, cfg_scale=1.0, null_label=0, generator=None):
+    def ddpm_sample(self, model, noise, y, cfg_scale=1.0, null_label=0, generator=None, guide_below=1000):
         """DDPM Algorithm 2, ancestral sampling through all T steps: x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t)
         eps) / sqrt(alpha_t) + sigma_t z, sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t) (q(x_{t-1}|x_t, x_0)'s)."""
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, t, y, cfg_scale, null_label)
+            eps = self.guided_eps(model, x, t, y, cfg_scale if i < guide_below else 1.0, null_label)
             beta, abar = self.betas[i], self.alphas_cumprod[i]
             x = (x - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()
             if i > 0:  # no noise is added on the last step
@@ -379,7 +379,7 @@ class GaussianDiffusion(nn.Module):
         return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
 
     @torch.no_grad()
-    def ddim_sample(self, model, noise, y, steps=50, eta=0.0, cfg_scale=1.0, null_label=0, generator=None):
+    def ddim_sample(self, model, noise, y, steps=50, eta=0.0, cfg_scale=1.0, null_label=0, generator=None, guide_below=1000):
         """DDIM: the same trained model on a short sub-sequence of steps (the network runs `steps` times,
         not T): from x_t it predicts x_0, then jumps to the next kept step t' with q(x_t' | x_0):
             x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
@@ -388,7 +388,7 @@ class GaussianDiffusion(nn.Module):
         x, times = noise, self.ddim_timesteps(steps)
         for i, step in enumerate(times):
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, t, y, cfg_scale, null_label)
+            eps = self.guided_eps(model, x, t, y, cfg_scale if step < guide_below else 1.0, null_label)
             abar = self.alphas_cumprod[step]
             abar_next = self.alphas_cumprod[times[i + 1]] if i + 1 < len(times) else torch.ones_like(abar)
             x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()

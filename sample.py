@@ -36,6 +36,8 @@ parser.add_argument("--steps", type=int, help="denoising steps (default: 50 for 
 parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 stochastic like DDPM")
 parser.add_argument("--cfg_scale", type=float,
                     help="classifier-free guidance scale, 1 = off (default: 2 for a class-conditional prior, else 1)")
+parser.add_argument("--guide_below", type=int, default=1000,
+                    help="guide only the steps t < this (of 1000); 1000 guides every step (README, Results)")
 parser.add_argument("--class_label", type=int, help="sample only this class (default: cycle through all)")
 parser.add_argument("--no_ema", action="store_true", help="use the raw prior weights instead of their EMA")
 parser.add_argument("--seed", type=int, default=0, help="seeds the starting noise")
@@ -58,6 +60,8 @@ if args.eval and args.num_samples < 2:
     fail(f"--eval needs at least 2 samples to estimate a covariance, got {args.num_samples} (use 2000 or more)")
 if args.cfg_scale is not None and args.cfg_scale < 0:
     fail(f"--cfg_scale must be 0 or more (1 = no guidance), got {args.cfg_scale}")
+if not 0 <= args.guide_below <= 1000:
+    fail(f"--guide_below is a diffusion step in [0, 1000] (1000: guide every step), got {args.guide_below}")
 if not 0 <= args.eta <= 1:  # beyond 1 DDIM's noise would exceed the variance left to it: NaN samples
     fail(f"--eta must lie in [0, 1] (0 = deterministic DDIM, 1 = as noisy as DDPM), got {args.eta}")
 if args.steps is None:
@@ -136,9 +140,10 @@ def generate(n, seed):
             # DDIM walks a --steps subsequence (50) of the 1000 training steps, deterministic at eta 0;
             # DDPM walks all 1000 with fresh noise each step: the same model, 20x the network calls
             if args.sampler == "ddim":
-                z = diffusion.ddim_sample(prior, noise, y, args.steps, args.eta, args.cfg_scale, num_classes, g)
+                z = diffusion.ddim_sample(prior, noise, y, args.steps, args.eta, args.cfg_scale, num_classes, g,
+                                          args.guide_below)
             else:
-                z = diffusion.ddpm_sample(prior, noise, y, args.cfg_scale, num_classes, g)
+                z = diffusion.ddpm_sample(prior, noise, y, args.cfg_scale, num_classes, g, args.guide_below)
             images.append(decode(z.float() / latent_scale))  # undo the unit-variance scaling first
         progress.update(start + b)
     return torch.cat(images)
@@ -156,7 +161,8 @@ t0 = time.time()
 samples = generate(args.num_samples, args.seed)
 elapsed = time.time() - t0
 save_grid(samples[:64], output, nrow=8)  # a grid shows at most 64; --save_npz keeps them all
-print(f"wrote {min(64, len(samples))} of {len(samples)} samples ({args.sampler}, {args.steps} steps, cfg {args.cfg_scale}) "
+guided = f"cfg {args.cfg_scale}" + (f" below t={args.guide_below}" if args.cfg_scale != 1 and args.guide_below < 1000 else "")
+print(f"wrote {min(64, len(samples))} of {len(samples)} samples ({args.sampler}, {args.steps} steps, {guided}) "
       f"to {output} in {elapsed:.1f}s, {len(samples) / elapsed:.1f} images/s")
 if args.save_npz:
     # the layout of the ADM / guided-diffusion evaluation suite: uint8 pixels, (N, H, W, C), key arr_0
@@ -179,7 +185,7 @@ if args.eval:
                             args.batch_size, args.split)
     metrics.update(prior_loss=prior_state.get("loss"), ae=ae_path, prior=prior_path,
                    sampler={"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
-                            "ema": not args.no_ema, "seed": args.seed})
+                            "guide_below": args.guide_below, "ema": not args.no_ema, "seed": args.seed})
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"wrote {os.path.join(args.out_dir, 'metrics.json')}")

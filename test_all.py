@@ -83,9 +83,8 @@ def test_shapes_dataset_is_a_pure_function_of_seed_and_index():
     full, small = data.ShapesDataset("train"), data.ShapesDataset("train", size=50)
     assert len(full) == 20_000 and len(data.ShapesDataset("val")) == len(data.ShapesDataset("test")) == 2_000
     assert all(torch.equal(a, b) for i in (0, 7, 49) for a, b in zip(full[i], small[i]))
-    others = [data.ShapesDataset("train", seed=1, size=50)] + [data.ShapesDataset(s, size=50) for s in ("val", "test")]
-    others.append(data.ShapesDataset("val", seed=1, size=50))  # val of seed 1 is no other seed's train or test
-    images = [small.images] + [other.images for other in others]
+    others = [data.ShapesDataset(s, seed=seed, size=50) for s, seed in [("train", 1), ("val", 0), ("test", 0), ("val", 1)]]
+    images = [small.images] + [other.images for other in others]  # val of seed 1 is no other seed's train or test
     assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])  # five streams
     assert full[3][0].shape == (1, 32, 32) and full[3][2].shape == (6,) and set(full.labels.tolist()) == {0, 1, 2}
     assert full.images.min() >= -1 and full.images.max() <= 1
@@ -292,6 +291,8 @@ def test_cfg_scale_one_is_conditional_and_larger_scales_guide_every_channel():
     guided = diffusion.guided_eps(dit, x, t, y, 4.0, null_label=3)
     assert torch.allclose(guided, uncond + 4.0 * (cond - uncond), atol=1e-5)
     assert all(not torch.allclose(guided[:, c], cond[:, c]) for c in range(4))  # all four channels guided
+    runs = [diffusion.ddim_sample(dit, x, y, 4, cfg_scale=4.0, null_label=3, guide_below=b) for b in (0, 500, 1000)]
+    assert torch.equal(runs[0], diffusion.ddim_sample(dit, x, y, 4)) and not runs[1].equal(runs[0]) and not runs[1].equal(runs[2])
 
 
 @pytest.mark.parametrize("steps,eta", [("ddpm", 1.0), (1000, 0.0), (50, 1.0), (50, 0.0)])
@@ -366,12 +367,11 @@ def test_evaluator_on_a_small_folder_stops_early_ranks_damage_alike_and_scores_u
     m = distance.score_samples(x, None, perfect, {"config": config, "num_classes": 3, "stage": "2"},
                                {"mean": train[0][:300], "std": torch.zeros(300, 1, 16, 16)}, str(tmp_path), eval_steps=200)
     assert m["fd"] == m["fd_recon"] == m["fd_real"] > 0  # test images against val: never against themselves
-    capsys.readouterr()  # the evaluator cache: reused for the same data, retrained for other data
-    config = {"data": "shapes", "data_dir": "data", "data_seed": 0, "image_size": 32, "channels": 3}
+    config, _ = {"data": "shapes", "data_dir": "data", "data_seed": 0, "image_size": 32, "channels": 3}, capsys.readouterr()
     for data_config in (config, config, {**config, "data_seed": 1}):
         distance.get_evaluator(str(tmp_path), *[data.ShapesDataset(s, size=300) for s in ("train", "val")], (1, 32, 32),
                                3, data_config, steps=5)
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().out  # the cache: kept for the same data, retrained for other data
     assert printed.count("training the evaluator") == printed.count("retraining") == 2  # folder -> shapes, seed 0 -> 1
 
 
@@ -401,8 +401,9 @@ def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
     proc = run("distance.py", "--out_dir", out, "--widths", "0.25,1", "--steps", 5, "--num_train", 256, "--eval_steps", 30)
     assert "training the evaluator" not in proc.stdout  # the cached evaluator of --eval is reused
     rows = json.load(open(os.path.join(out, "distance.json")))["rows"]
-    assert [r["width"] for r in rows] == [0.25, 1.0] and rows[0]["params"] < rows[1]["params"]
-    assert all(r["l1"] > 0 and r["fd"] >= 0 and 0 <= r["render_iou"] <= 1 for r in rows)
+    assert [(r["width"], r["dropout"]) for r in rows] == [(0.25, 0), (1, 0), (1, 0.2)]  # last: stage 1's aux class
+    assert rows[0]["params"] < rows[1]["params"] == rows[2]["params"]  # dropout: the same decoders, trained otherwise
+    assert all(r["l1"] > 0 and r["fd"] >= 0 and 0 <= r["render_iou"] <= 1 for r in rows) and rows[1]["l1"] != rows[2]["l1"]
 
 
 # ---- bad input: one line, a non-zero exit, and every file in out_dir byte-for-byte unchanged ---------------------
@@ -467,7 +468,6 @@ def test_a_step_stops_before_a_non_finite_update_and_draws_from_its_own_seed():
     for loss, grad_norm in [(finite, nan), (finite, inf), (nan, finite)]:  # a finite loss is not enough
         with pytest.raises(SystemExit, match="not finite at step 7"):
             plumbing.check_step_is_finite(loss, grad_norm, 1, 7, "prior.pt", 1e-3)
-    # the random draws of each step come from (seed, rank, step), hashed: no step shares another one's
     seeds = {plumbing.step_seed(0, rank, step) for rank in range(8) for step in range(0, 100_000, 9)}
     assert len(seeds) == 8 * len(range(0, 100_000, 9))  # no (rank, step) shares another one's random draws
     assert all(plumbing.step_seed(0, 1, s) != plumbing.step_seed(0, 0, s + 7919) for s in range(50))

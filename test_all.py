@@ -397,7 +397,7 @@ def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
     assert 0 <= metrics["fd_real"] < metrics["fd"] and metrics["fd_recon"] > 0 and metrics["fd_gaussian"] > 0
     assert metrics["split"] == "val" and 0 <= metrics["class_match"] <= 1 and metrics["num_reference"] == 2000
     assert metrics["scores"]["real (test)"]["render_iou"] > dit["render_iou"]  # real shapes beat a 4-step prior's
-    assert metrics["sampler"]["cfg_scale"] == 2.0 and abs(sum(metrics["class_shares"]) - 1) < 1e-6  # guided by default
+    assert metrics["sampler"]["cfg_scale"] == 3.0 and metrics["sampler"]["guide_below"] == 500 and abs(sum(metrics["class_shares"]) - 1) < 1e-6  # guided by default
     proc = run("distance.py", "--out_dir", out, "--widths", "0.25,1", "--steps", 5, "--num_train", 256, "--eval_steps", 30)
     assert "training the evaluator" not in proc.stdout  # the cached evaluator of --eval is reused
     rows = json.load(open(os.path.join(out, "distance.json")))["rows"]

@@ -39,51 +39,62 @@ from plumbing import (HelpFormatter, check_device, check_out_dir, command, fail,
 
 def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.5, 1.0), steps=300,
                    batch_size=32, lr=2e-3, seed=0, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
-                   evaluator=None, eval_labels=None, device="cpu"):
-    """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x)
-    back to x (L1 loss, AdamW, `steps` steps; a (width, dropout) pair trains with dropout, like stage 1's
-    auxiliary decoder), then score it on images it never saw. One row per width:
-      params   size of the probe: the complexity of the decoder class G
-      l1       mean |g(e(x)) - x| per pixel: the upper bound on D_G (W1 with the L1 ground cost), as well
-               as this budget of steps can find the best g in G; psnr: the same error in dB
-      fd (and on the shapes render_iou)   unpaired scores of the decoded images (with an evaluator)
-    encode_fn maps images to latents (N, z, h, w); any function works, so a test can score noise or a
-    damaged latent. Every width gets the same seed (the same data order); rows print as they finish."""
+                   evaluator=None, eval_labels=None, device="cpu", patience=0, check_every=200):
+    """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x) back
+    to x (L1 loss, AdamW; a (width, dropout) pair trains with dropout, like stage 1's auxiliary decoder),
+    then score it on images it never saw. patience 0 trains a fixed `steps` (cosine learning rate: quick,
+    but it mixes how fast a probe learns with what its class can represent); patience P trains to
+    convergence: every `check_every` steps the L1 on 1,000 training images held out from the probe is
+    checked, P checks without a 0.5 % gain drop the learning rate 4x (back at the best weights), and the
+    third drop (or `steps`) ends it, with the best weights (from kept_step). One row per width: params
+    (the complexity of the class G), steps trained, l1 = mean |g(e(x)) - x| per pixel (the upper bound on
+    D_G, W1 with the L1 ground cost, as well as training finds the best g in G), psnr; with an evaluator,
+    fd (and on the shapes render_iou) of the decoded images. encode_fn maps images to (N, z, h, w)
+    latents: any function, so a test can score noise or a damaged latent. Every width: the same seed."""
     with torch.no_grad():  # the latent is frozen: encode every image once
         z_train, z_eval = [torch.cat([encode_fn(batch.to(device)).float() for batch in images.split(256)])
                            for images in (train_images, eval_images)]
     # one number rescales the latent to unit variance, so an encoder is not judged on the size of its
     # numbers but on how easily they decode (the prior sees it rescaled the same way: latent_scale)
     scale = z_train.std()
-    z_train, z_eval = z_train / scale, z_eval / scale
-    train_images = train_images.to(device)
-    real_features = features(evaluator, eval_images) if evaluator is not None else None
-    rows = []
+    z_train, z_eval, train_images = z_train / scale, z_eval / scale, train_images.to(device)
+    held = min(1000, len(z_train) // 10) if patience else 0  # a stopping set the probes never train on
+    z_held, x_held, z_train, train_images = z_train[:held], train_images[:held], z_train[held:], train_images[held:]
+    real_features, rows = features(evaluator, eval_images) if evaluator is not None else None, []
     for width in widths:
         (width, dropout), t0 = width if isinstance(width, tuple) else (width, 0.0), time.time()
         torch.manual_seed(seed)  # the same initialisation stream and batches for every width
         # the autoencoder's 1x1 post_quant_conv is left out: a linear map the first 3x3 conv absorbs
         probe = Decoder(train_images.shape[1], ch, list(ch_mult), num_res_blocks, z_train.shape[1], dropout, width).to(device)
-        out_shape = tuple(probe(z_train[:1]).shape[1:])
-        if out_shape != tuple(train_images.shape[1:]):
-            fail(f"a probe decoder with ch_mult {list(ch_mult)} turns {tuple(z_train.shape[1:])} latents into "
-                 f"{out_shape} images, not {tuple(train_images.shape[1:])}: use the autoencoder's ch_mult")
         optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
-        order = torch.Generator().manual_seed(seed)
-        for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, lr, steps // 10, steps, lr / 10)
+        order, peak, best, waited, step = torch.Generator().manual_seed(seed), lr, (math.inf, None, 0), 0, 0
+        while step < steps and peak > lr / 4 ** 3:
+            for group in optimizer.param_groups:  # converging: a warm-up, then constant between the drops
+                group["lr"] = (min(peak, lr * (step + 1) / 100) if patience else
+                               get_lr(step, lr, steps // 10, steps, lr / 10))
             idx = torch.randint(len(z_train), (batch_size,), generator=order)
-            loss = (probe(z_train[idx]) - train_images[idx]).abs().mean()
-            loss.backward()
+            (probe(z_train[idx]) - train_images[idx]).abs().mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if patience and (step % check_every == 0 or step == steps):  # (a last check at the ceiling)
+                with torch.no_grad():  # in eval mode: dropout off while checking, as when scoring
+                    held_l1 = torch.cat([(probe.eval()(z) - x).abs() for z, x in zip(z_held.split(250), x_held.split(250))])
+                probe.train()
+                held_l1 = held_l1.mean().item()
+                if held_l1 < 0.995 * best[0]:
+                    best, waited = (held_l1, {k: v.clone() for k, v in probe.state_dict().items()}, step), 0
+                elif (waited := waited + 1) >= patience:
+                    peak, waited = peak / 4, 0
+                    probe.load_state_dict(best[1])
+        if patience:
+            probe.load_state_dict(best[1])
         probe.eval()  # dropout off: the class is the decoders it trains, used without dropout
         with torch.no_grad():
             recon = torch.cat([probe(z).clamp(-1, 1).cpu() for z in z_eval.split(256)])
         mse = ((recon - eval_images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
         row = {"width": width, "dropout": dropout, "params": sum(p.numel() for p in probe.parameters()),
-               "l1": (recon - eval_images).abs().mean().item(),
+               "steps": step, "kept_step": best[2] if patience else step, "l1": (recon - eval_images).abs().mean().item(),
                "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()}
         if evaluator is not None:
             row["fd"] = frechet_distance(features(evaluator, recon), real_features)
@@ -95,8 +106,8 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
     return rows
 
 
-CURVE_COLUMNS = [("params", "params", "d"), ("l1", "L1 bound", ".4f"), ("psnr", "PSNR", ".2f"), ("fd", "FD", ".3f"),
-                 ("render_iou", "renderIoU", ".3f"), ("seconds", "seconds", ".0f")]
+CURVE_COLUMNS = [("params", "params", "d"), ("steps", "steps", "d"), ("l1", "L1 bound", ".4f"), ("psnr", "PSNR", ".2f"),
+                 ("fd", "FD", ".3f"), ("render_iou", "renderIoU", ".3f"), ("seconds", "seconds", ".0f")]
 
 
 # -----------------------------------------------------------------------------
@@ -236,8 +247,7 @@ def train_evaluator(train, val, image_shape, num_classes, steps=400, batch_size=
     return net, info
 
 
-def get_evaluator(out_dir, train_set, val_set, image_shape, num_classes, data_config, device="cpu",
-                  steps=400, seed=0):
+def get_evaluator(out_dir, train_set, val_set, image_shape, num_classes, data_config, device="cpu", steps=400, seed=0):
     """The evaluator cached in out_dir/evaluator.pt, retrained when its key (the data options in `data_config`,
     the images, steps, seed, recipe) differs. Returns (net in eval mode, info: accuracy, factor_r2, config)."""
     path = os.path.join(out_dir, "evaluator.pt")
@@ -314,22 +324,10 @@ def score_samples(samples, asked, ae, ae_state, latents, out_dir, device="cpu", 
                "ae_stage": ae_state["stage"], "scores": scores,
                "evaluator": {"network": "distance.Evaluator (4 convs + linear, 128-d features), trained offline here",
                              "accuracy": info["accuracy"], "factor_r2": info.get("factor_r2"), "steps": eval_steps}}
-    print(f"\nFD in the evaluator's 128-d features (validation accuracy {info['accuracy']:.3f}), "
-          f"each row against the {len(images)} {split} images")
-    columns = [("count", "images", "d"), ("fd", "FD", ".3f"), ("fd_mean_term", "(means)", ".3f"),
-               ("precision", "precision", ".3f"), ("recall", "recall", ".3f")]
-    columns += [("render_iou", "renderIoU", ".3f")] if shapes else []
-    print("\n".join([table_line("", None, columns)] + [table_line(name, row, columns) for name, row in scores.items()]))
-    if shapes:
-        print("render IoU per class (circle, square, triangle): samples "
-              + " / ".join(f"{v:.3f}" for v in scores["DiT samples"]["render_iou_per_class"]) + ", floor "
-              + " / ".join(f"{v:.3f}" for v in scores[floor_name]["render_iou_per_class"]))
     if asked is not None:  # a conditional prior: does the evaluator see the class each sample was asked for?
         seen = evaluate(evaluator, samples)[1].argmax(1)
         metrics["class_match"] = (seen == asked).float().mean().item()
         metrics["class_shares"] = (torch.bincount(seen, minlength=ae_state["num_classes"]) / n).tolist()
-        print(f"the evaluator sees the requested class in {metrics['class_match']:.1%} of the DiT samples; "
-              f"it sees the classes in the shares {', '.join(f'{share:.2f}' for share in metrics['class_shares'])}")
     return metrics
 
 
@@ -343,7 +341,8 @@ def main():
     parser.add_argument("--ae", help="autoencoder checkpoint to score (default: out_dir/ae.pt)")
     parser.add_argument("--split", default="val", choices=["val", "test"], help="the images the probes are scored on")
     parser.add_argument("--widths", default="0.125,0.25,0.5,1", help="probe decoder widths: the decoder classes G")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of each probe decoder")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each probe (with --patience: at most)")
+    parser.add_argument("--patience", type=int, default=0, help="0: --steps each; N: to convergence (see capacity_curve)")
     parser.add_argument("--batch_size", type=int, default=32, help="probe training batch")
     parser.add_argument("--lr", type=float, default=2e-3, help="probe peak learning rate")
     parser.add_argument("--num_train", type=int, default=20_000, help="training images the probes learn from")
@@ -355,8 +354,8 @@ def main():
         widths = [float(w) for w in args.widths.split(",")]
     except ValueError:
         fail(f"--widths takes comma-separated numbers such as 0.25,0.5,1, got '{args.widths}'")
-    if min(widths) <= 0 or min(args.steps, args.batch_size, args.num_train, args.eval_steps) <= 0 or args.lr <= 0:
-        fail("--widths, --steps, --batch_size, --lr, --num_train and --eval_steps must be positive")
+    if min(widths) <= 0 or min(args.steps, args.batch_size, args.lr, args.num_train, args.eval_steps, args.patience + 1) <= 0:
+        fail("--widths, --steps, --batch_size, --lr, --num_train and --eval_steps must be positive, --patience >= 0")
     ae_path = args.ae or os.path.join(args.out_dir, "ae.pt")
     check_device(args.device)
     check_out_dir(args.out_dir, True)  # evaluator.pt and the json go here, even with --ae elsewhere
@@ -378,14 +377,15 @@ def main():
     reference = {"width": "real", "fd": frechet_distance(features(evaluator, floor_images), features(evaluator, eval_images))}
     if factors.shape[1]:
         reference["render_iou"] = render_iou(floor_images, floor_labels).mean().item()
-    print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): {args.steps} probe steps per width")
+    budget = f"to convergence (patience {args.patience}, <= {args.steps} steps)" if args.patience else f"{args.steps} steps"
+    print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): probes train {budget}")
     print(table_line("", None, CURVE_COLUMNS) + "\n" + table_line("real images", reference, CURVE_COLUMNS))
     # the latent: posterior means, the map e(x) the bound speaks of; the last class: stage 1's auxiliary decoder
     aux = (c.get("aux_width", 1.0), c.get("aux_dropout", 0.0))
     classes = widths + ([aux] if aux[1] > 0 or aux[0] not in widths else [])  # (unless it is one of the widths)
     rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, classes, args.steps,
                           args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
-                          evaluator, eval_labels if factors.shape[1] else None, args.device)
+                          evaluator, eval_labels if factors.shape[1] else None, args.device, args.patience)
     # out_dir/distance.json for ae.pt; another checkpoint gets its own file, e.g. distance_ae_stage1.json
     name = "" if args.ae is None else "_" + os.path.splitext(os.path.basename(args.ae))[0]
     out_path = os.path.join(args.out_dir, f"distance{name}.json")

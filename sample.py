@@ -21,7 +21,7 @@ import torch
 from distance import score_samples
 from model import GaussianDiffusion
 from plumbing import (HelpFormatter, Progress, check_device, check_out_dir, check_output_file, command, fail,
-                      load_autoencoder, load_checkpoint, load_prior, save_grid)
+                      load_autoencoder, load_checkpoint, load_prior, save_grid, table_line)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
@@ -190,6 +190,20 @@ if args.eval:
     metrics.update(prior_loss=prior_state.get("loss"), ae=ae_path, prior=prior_path,
                    sampler={"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
                             "guide_below": args.guide_below, "ema": not args.no_ema, "seed": args.seed})
+    scores, floor_name = metrics["scores"], list(metrics["scores"])[-1]  # the last row: the real images
+    print(f"\nFD in the evaluator's 128-d features (validation accuracy {metrics['evaluator']['accuracy']:.3f}), "
+          f"each row against the {metrics['num_reference']} {args.split} images")
+    columns = [("count", "images", "d"), ("fd", "FD", ".3f"), ("fd_mean_term", "(means)", ".3f"),
+               ("precision", "precision", ".3f"), ("recall", "recall", ".3f")]
+    columns += [("render_iou", "renderIoU", ".3f")] if "render_iou" in scores[floor_name] else []
+    print("\n".join([table_line("", None, columns)] + [table_line(name, row, columns) for name, row in scores.items()]))
+    if "render_iou" in scores[floor_name]:  # the built-in shapes: each sample against its ideal shape
+        print("render IoU per class (circle, square, triangle): samples "
+              + " / ".join(f"{v:.3f}" for v in scores["DiT samples"]["render_iou_per_class"]) + ", floor "
+              + " / ".join(f"{v:.3f}" for v in scores[floor_name]["render_iou_per_class"]))
+    if asked is not None:
+        print(f"the evaluator sees the requested class in {metrics['class_match']:.1%} of the DiT samples; "
+              f"it sees the classes in the shares {', '.join(f'{share:.2f}' for share in metrics['class_shares'])}")
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"wrote {os.path.join(args.out_dir, 'metrics.json')}")

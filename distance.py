@@ -3,7 +3,7 @@ How good is a latent? The paper's complexity-motivated distance, and the scores 
 
   python distance.py --out_dir out                        # the capacity curve of out/ae.pt's encoder
   python distance.py --out_dir out --ae out/ae_stage1.pt  # the same for the stage-1 encoder
-  python distance.py --out_dir out --steps 2000 --device cuda   # a longer probe budget on a GPU
+  python distance.py --out_dir out --patience 3 --steps 20000 --device cuda   # probes to convergence, on a GPU
 
 The idea, in our reading of Hu et al. ("Complexity Matters", NeurIPS 2023): how far a latent
 distribution P_z is from the data P_x depends on who has to bridge the gap. For a class G of decoders

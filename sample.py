@@ -33,7 +33,8 @@ parser.add_argument("--num_samples", type=int, help="how many images (default: 6
 parser.add_argument("--batch_size", type=int, default=256, help="images sampled at once")
 parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (few steps) or ancestral DDPM")
 parser.add_argument("--steps", type=int, help="denoising steps (default: 50 for DDIM; DDPM uses all 1000)")
-parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 stochastic like DDPM")
+parser.add_argument("--eta", type=float, default=0.0,
+                    help="DDIM noise in [0, 1]: 0 deterministic, 1 like DDPM; 0.5 sharpens a long-trained prior's shapes")
 parser.add_argument("--cfg_scale", type=float,
                     help="classifier-free guidance scale, 1 = off (default: 3 for a class-conditional prior, else 1)")
 parser.add_argument("--guide_below", type=int, default=500,

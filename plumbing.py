@@ -165,10 +165,11 @@ def check_step_is_finite(loss, grad_norm, world_size, step, ckpt_path, lr):
     finite = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float().reshape(1)
     if world_size > 1:
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if finite.item() == 0:
+    if finite.item() == 0:  # at step 0 no update has happened: the learning rate cannot be the cause
+        fix = (f"lower --lr (now {lr}) and continue with --resume" if step else
+               "check the data, or try --dtype float32 or --no-compile (see the README's Performance notes)")
         fail(f"the loss ({loss.item():.4g}) or its gradient (norm {grad_norm.item():.4g}) is not finite at step "
-             f"{step}, in at least one process; the last good checkpoint is kept at {ckpt_path}: lower --lr "
-             f"(now {lr}) and continue with --resume")
+             f"{step}, in at least one process; the last good checkpoint is kept at {ckpt_path}: {fix}")
 
 
 def checksum(raw_model):

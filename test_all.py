@@ -465,9 +465,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 def test_a_step_stops_before_a_non_finite_update_and_draws_from_its_own_seed():
     finite, nan, inf = torch.tensor(0.5), torch.tensor(math.nan), torch.tensor(math.inf)
     plumbing.check_step_is_finite(finite, torch.tensor(3.0), 1, 7, "prior.pt", 1e-3)  # fine: carries on
-    for loss, grad_norm in [(finite, nan), (finite, inf), (nan, finite)]:  # a finite loss is not enough
-        with pytest.raises(SystemExit, match="not finite at step 7"):
-            plumbing.check_step_is_finite(loss, grad_norm, 1, 7, "prior.pt", 1e-3)
+    for step, loss, grad_norm, fix in [(7, finite, nan, "--lr"), (7, finite, inf, "--lr"), (0, nan, finite, "--no-compile")]:
+        with pytest.raises(SystemExit, match=f"not finite at step {step},.*: .*{fix}"):  # a finite loss is not enough
+            plumbing.check_step_is_finite(loss, grad_norm, 1, step, "prior.pt", 1e-3)
     seeds = {plumbing.step_seed(0, rank, step) for rank in range(8) for step in range(0, 100_000, 9)}
     assert len(seeds) == 8 * len(range(0, 100_000, 9))  # no (rank, step) shares another one's random draws
     assert all(plumbing.step_seed(0, 1, s) != plumbing.step_seed(0, 0, s + 7919) for s in range(50))

@@ -118,7 +118,7 @@ if args.class_label is not None and not 0 <= args.class_label < num_classes:
 # Why guidance acts only below t = 500 (--guide_below): at high noise the sample's class and layout are still
 # open, and guidance there pulls every sample towards a few prototypes of its class (FD and the class mix
 # suffer); once the layout is set, guidance sharpens the asked-for shape. Scale 3 below t = 500 was chosen on
-# the validation split (README.md, "Results": FD 36.3 -> 19.3 against scale 2 on every step).
+# the validation split (README.md, "Results", "Where guidance acts").
 if args.cfg_scale is None:  # guided by default
     args.cfg_scale = 3.0 if can_guide else 1.0
     if num_classes and not can_guide:

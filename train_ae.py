@@ -116,6 +116,9 @@ for key, default in INHERITED.items():
              f"{getattr(args, key)}: drop --{key} (it is taken from there) or use another --out_dir")
 if isinstance(args.ch_mult, str):
     args.ch_mult = [int(m) for m in args.ch_mult.split(",")]
+if args.stage == "2":  # stage 2 trains no auxiliary decoder: it records stage 1's, the class that shaped this
+    args.aux_width, args.aux_dropout = (source["config"][k] for k in ("aux_width", "aux_dropout"))  # latent
+    taken += [f"--aux_width {args.aux_width} --aux_dropout {args.aux_dropout}"]  # (distance.py's last probe)
 if taken and master_process:
     print(f"options taken from {ckpt_path if args.resume else stage1_path}: {' '.join(taken)}")
 downsample = 2 ** (len(args.ch_mult) - 1)

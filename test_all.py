@@ -152,7 +152,8 @@ def test_autoencoder_shapes_weak_decoders_and_a_frozen_encoder():
     assert not ae.encoder.training and ae.decoder.training
     before, mean_before = {k: v.clone() for k, v in ae.encoder.state_dict().items()}, ae.encode(x)[0]
     opt = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=1e-2)
-    (ae(x)[0] - x).abs().mean().backward(), opt.step()
+    (ae(x)[0] - x).abs().mean().backward()
+    opt.step()
     assert all(p.grad is None for p in ae.encoder.parameters()) and same(before, ae.encoder.state_dict())
     assert torch.equal(mean_before, ae.encode(x)[0])  # deterministic: encoder dropout is off
 
@@ -581,11 +582,10 @@ def test_flat_image_folder_is_one_class_and_stage_2_takes_stage_1s_options(tmp_p
     train, val, test, shape, num_classes = data.get_dataset("folder", str(pictures), 16, 1)
     assert num_classes == 1 and len(train) + len(val) + len(test) == 12 and {item[1].item() for item in train} == {0}
     out, own = tmp_path / "out", ["--data", "folder", "--data_dir", pictures, "--image_size", "16", "--channels", "1",
-                                  "--ch", "8", "--ch_mult", "1,2"]
-    assert "one unlabelled class" in run("train_ae.py", "--stage", "1", "--out_dir", out, *own, *TINY_AE,
-                                         "--aux_dropout", "0.3").stdout  # the options are not repeated in stage 2:
-    stage2 = run("train_ae.py", "--stage", "2", "--out_dir", out, *TINY_AE).stdout  # ae.pt records stage 1's
-    assert "--data folder" in stage2 and "--ch_mult 1,2 " in stage2 and "--aux_dropout 0.3" in stage2
+                                  "--ch", "8", "--ch_mult", "1,2", "--aux_dropout", "0.3"]
+    assert "one unlabelled class" in run("train_ae.py", "--stage", "1", "--out_dir", out, *own, *TINY_AE).stdout
+    stage2 = run("train_ae.py", "--stage", "2", "--out_dir", out, *TINY_AE).stdout  # the options are not repeated
+    assert "--data folder" in stage2 and "--ch_mult 1,2 " in stage2 and "--aux_dropout 0.3" in stage2  # stage 1's
     assert load(out, "ae.pt")["config"]["ch"] == 8 and load(out, "ae.pt")["config"]["aux_dropout"] == 0.3
     assert "unconditional" in run("train_prior.py", "--out_dir", out, *TINY_PRIOR, "--class_dropout_prob", "0").stdout
     assert load(out, "prior.pt")["num_classes"] == 0

@@ -116,9 +116,11 @@ for key, default in INHERITED.items():
              f"{getattr(args, key)}: drop --{key} (it is taken from there) or use another --out_dir")
 if isinstance(args.ch_mult, str):
     args.ch_mult = [int(m) for m in args.ch_mult.split(",")]
-if args.stage == "2":  # stage 2 trains no auxiliary decoder: it records stage 1's, the class that shaped this
-    args.aux_width, args.aux_dropout = (source["config"][k] for k in ("aux_width", "aux_dropout"))  # latent
-    taken += [f"--aux_width {args.aux_width} --aux_dropout {args.aux_dropout}"]  # (distance.py's last probe)
+# stage 2 trains no auxiliary decoder; ae.pt records stage 1's instead, the decoder class that shaped this
+# latent (distance.py probes it as the last class of the capacity curve)
+if args.stage == "2":
+    args.aux_width, args.aux_dropout = source["config"]["aux_width"], source["config"]["aux_dropout"]
+    taken += [f"--aux_width {args.aux_width} --aux_dropout {args.aux_dropout}"]
 if taken and master_process:
     print(f"options taken from {ckpt_path if args.resume else stage1_path}: {' '.join(taken)}")
 downsample = 2 ** (len(args.ch_mult) - 1)

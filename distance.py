@@ -340,7 +340,7 @@ def main():
     parser.add_argument("--out_dir", default="out", help="where ae.pt is; evaluator.pt and distance.json go here")
     parser.add_argument("--ae", help="autoencoder checkpoint to score (default: out_dir/ae.pt)")
     parser.add_argument("--split", default="val", choices=["val", "test"], help="the images the probes are scored on")
-    parser.add_argument("--widths", default="0.125,0.25,0.5,1", help="probe decoder widths: the decoder classes G")
+    parser.add_argument("--widths", help="probe widths, the classes G (default 0.125,0.25,0.5,1 + stage 1's class)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each probe (with --patience: at most)")
     parser.add_argument("--patience", type=int, default=0, help="0: --steps each; N: to convergence (see capacity_curve)")
     parser.add_argument("--batch_size", type=int, default=32, help="probe training batch")
@@ -351,7 +351,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
     args = parser.parse_args()
     try:
-        widths = [float(w) for w in args.widths.split(",")]
+        widths = [float(w) for w in (args.widths or "0.125,0.25,0.5,1").split(",")]
     except ValueError:
         fail(f"--widths takes comma-separated numbers such as 0.25,0.5,1, got '{args.widths}'")
     if min(widths) <= 0 or min(args.steps, args.batch_size, args.lr, args.num_train, args.eval_steps, args.patience + 1) <= 0:
@@ -380,9 +380,9 @@ def main():
     budget = f"to convergence (patience {args.patience}, <= {args.steps} steps)" if args.patience else f"{args.steps} steps"
     print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): probes train {budget}")
     print(table_line("", None, CURVE_COLUMNS) + "\n" + table_line("real images", reference, CURVE_COLUMNS))
-    # the latent: posterior means, the map e(x) the bound speaks of; the last class: stage 1's auxiliary decoder
+    # the latent: posterior means, the map e(x) the bound speaks of; without --widths the last class is stage 1's
     aux = (c.get("aux_width", 1.0), c.get("aux_dropout", 0.0))
-    classes = widths + ([aux] if aux[1] > 0 or aux[0] not in widths else [])  # (unless it is one of the widths)
+    classes = widths + ([aux] if args.widths is None and (aux[1] > 0 or aux[0] not in widths) else [])  # aux decoder
     rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, classes, args.steps,
                           args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
                           evaluator, eval_labels if factors.shape[1] else None, args.device, args.patience)

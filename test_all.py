@@ -396,13 +396,13 @@ def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
     assert metrics["split"] == "val" and 0 <= metrics["class_match"] <= 1 and metrics["num_reference"] == 2000
     assert metrics["scores"]["real (test)"]["render_iou"] > dit["render_iou"]  # real shapes beat a 4-step prior's
     assert metrics["sampler"]["cfg_scale"] == 3.0 and metrics["sampler"]["guide_below"] == 500 and abs(sum(metrics["class_shares"]) - 1) < 1e-6  # guided by default
-    proc = run("distance.py", "--out_dir", out, "--widths", "0.25,1", "--steps", 5, "--patience", 1, "--num_train", 256,
-               "--eval_steps", 30)
+    proc = run("distance.py", "--out_dir", out, "--steps", 5, "--patience", 1, "--num_train", 256, "--eval_steps", 30)
     assert "training the evaluator" not in proc.stdout  # the cached evaluator of --eval is reused
     rows = json.load(open(os.path.join(out, "distance.json")))["rows"]
-    assert [(r["width"], r["dropout"]) for r in rows] == [(0.25, 0), (1, 0), (1, 0.2)]  # last: stage 1's aux class
-    assert rows[0]["params"] < rows[1]["params"] == rows[2]["params"] and {r["kept_step"] for r in rows} == {5}
-    assert all(r["l1"] > 0 and r["fd"] >= 0 and 0 <= r["render_iou"] <= 1 for r in rows) and rows[1]["l1"] != rows[2]["l1"]
+    assert [(r["width"], r["dropout"]) for r in rows] == [(0.125, 0), (0.25, 0), (0.5, 0), (1, 0), (1, 0.2)]  # + stage 1's
+    params = [r["params"] for r in rows]  # every width a distinct class; stage 1's class has the full width's params
+    assert params[0] < params[1] < params[2] < params[3] == params[4] and {r["kept_step"] for r in rows} == {5}
+    assert all(r["l1"] > 0 and r["fd"] >= 0 and 0 <= r["render_iou"] <= 1 for r in rows) and rows[3]["l1"] != rows[4]["l1"]
 
 
 # ---- bad input: one line, a non-zero exit, and every file in out_dir byte-for-byte unchanged ---------------------

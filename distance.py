@@ -340,7 +340,7 @@ def main():
     parser.add_argument("--out_dir", default="out", help="where ae.pt is; evaluator.pt and distance.json go here")
     parser.add_argument("--ae", help="autoencoder checkpoint to score (default: out_dir/ae.pt)")
     parser.add_argument("--split", default="val", choices=["val", "test"], help="the images the probes are scored on")
-    parser.add_argument("--widths", help="probe widths, the classes G (default 0.125,0.25,0.5,1 + stage 1's class)")
+    parser.add_argument("--widths", default="0.125,0.25,0.5,1,aux", help="probe classes G: widths; aux = stage 1's class")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each probe (with --patience: at most)")
     parser.add_argument("--patience", type=int, default=0, help="0: --steps each; N: to convergence (see capacity_curve)")
     parser.add_argument("--batch_size", type=int, default=32, help="probe training batch")
@@ -350,11 +350,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seeds the probes and the evaluator")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
     args = parser.parse_args()
-    try:
-        widths = [float(w) for w in (args.widths or "0.125,0.25,0.5,1").split(",")]
+    try:  # "aux" is resolved once the checkpoint's config is known
+        widths = [w if w == "aux" else float(w) for w in args.widths.replace(" ", "").split(",")]
     except ValueError:
-        fail(f"--widths takes comma-separated numbers such as 0.25,0.5,1, got '{args.widths}'")
-    if min(widths) <= 0 or min(args.steps, args.batch_size, args.lr, args.num_train, args.eval_steps, args.patience + 1) <= 0:
+        fail(f"--widths takes comma-separated widths and aux, such as 0.25,0.5,1,aux; got '{args.widths}'")
+    if min(args.steps, args.batch_size, args.lr, args.num_train, args.eval_steps, args.patience + 1, *[w for w in widths if w != "aux"]) <= 0:
         fail("--widths, --steps, --batch_size, --lr, --num_train and --eval_steps must be positive, --patience >= 0")
     ae_path = args.ae or os.path.join(args.out_dir, "ae.pt")
     check_device(args.device)
@@ -380,10 +380,10 @@ def main():
     budget = f"to convergence (patience {args.patience}, <= {args.steps} steps)" if args.patience else f"{args.steps} steps"
     print(f"capacity curve of {ae_path} (stage {state.get('stage', '?')}): probes train {budget}")
     print(table_line("", None, CURVE_COLUMNS) + "\n" + table_line("real images", reference, CURVE_COLUMNS))
-    # the latent: posterior means, the map e(x) the bound speaks of; without --widths the last class is stage 1's
+    # each class is (width, dropout); aux is the auxiliary decoder of stage 1 (a joint run's config holds the default)
     aux = (c.get("aux_width", 1.0), c.get("aux_dropout", 0.0))
-    classes = widths + ([aux] if args.widths is None and (aux[1] > 0 or aux[0] not in widths) else [])  # aux decoder
-    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, classes, args.steps,
+    classes = list(dict.fromkeys(aux if w == "aux" else (w, 0.0) for w in widths))
+    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, classes, args.steps,  # e(x): means
                           args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
                           evaluator, eval_labels if factors.shape[1] else None, args.device, args.patience)
     # out_dir/distance.json for ae.pt; another checkpoint gets its own file, e.g. distance_ae_stage1.json

@@ -428,6 +428,7 @@ BAD_INPUT = {
     "misspelt_device": (None, "train_ae.py", ["--stage", "1", "--device", "gpu"], ["not a device", "cpu"]),
     "npz_dir_missing": (None, "sample.py", ["--save_npz", "OUT/missing/s.npz"], ["does not exist"]),
     "eta_above_1": (None, "sample.py", ["--eta", "1.5"], ["--eta", "[0, 1]"]),
+    "misspelt_probe_class": (None, "distance.py", ["--widths", "0.5,wide"], ["--widths", "aux"]),
     "joint_over_dae": (None, "train_ae.py", ["--stage", "joint"], ["--overwrite"]),
     "resume_on_other_latents": (lambda o: edit(o, "latents.pt", fingerprint="0" * 16), "train_prior.py",
                                 ["--resume", *TINY_PRIOR], ["other latents"]),
@@ -485,10 +486,8 @@ def test_resume_after_sigkill_is_exact(case, pipeline, tmp_path):
     script, needs, args, ckpt = RESUME[case]
     args = [*args, "--max_iters", "24", "--batch_size", "16", "--ckpt_interval", "4", "--log_interval", "4"]
     dirs = [str(tmp_path / name) for name in ("once", "again", "killed")]
-    for out in dirs:
-        os.makedirs(out)
-        for name in needs:
-            shutil.copy(os.path.join(pipeline, name), out)
+    for out in dirs:  # each starts from only the files the script needs
+        shutil.copytree(pipeline, out, ignore=lambda folder, names: [n for n in names if n not in needs])
     run(script, "--out_dir", dirs[0], *args)
     proc = subprocess.Popen(command(script, "--out_dir", dirs[2], *args), stdout=subprocess.DEVNULL)
     while not os.path.exists(os.path.join(dirs[2], ckpt)):

@@ -383,7 +383,7 @@ def main():
     # each class is (width, dropout); aux is the auxiliary decoder of stage 1 (a joint run's config holds the default)
     aux = (c.get("aux_width", 1.0), c.get("aux_dropout", 0.0))
     classes = list(dict.fromkeys(aux if w == "aux" else (w, 0.0) for w in widths))
-    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, classes, args.steps,  # e(x): means
+    rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, classes, args.steps,  # e(x) = posterior mean
                           args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
                           evaluator, eval_labels if factors.shape[1] else None, args.device, args.patience)
     # out_dir/distance.json for ae.pt; another checkpoint gets its own file, e.g. distance_ae_stage1.json

@@ -5,15 +5,14 @@ How good is a latent? The paper's complexity-motivated distance, and the scores 
   python distance.py --out_dir out --ae out/ae_stage1.pt  # the same for the stage-1 encoder
   python distance.py --out_dir out --patience 3 --steps 20000 --device cuda   # probes to convergence, on a GPU
 
-The idea, in our reading of Hu et al. ("Complexity Matters", NeurIPS 2023): how far a latent
-distribution P_z is from the data P_x depends on who has to bridge the gap. For a class G of decoders
-of bounded complexity, D_G(P_z, P_x) = inf_{g in G} d_F(g # P_z, P_x). With an encoder e, P_z = e # P_x,
-and for the Wasserstein-1 distance d(g # e # P_x, P_x) <= E ||g(e(x)) - x|| (pair each x with its own
-reconstruction: one transport plan, so at least as expensive as the best one). So the best
-reconstruction error inside G is an upper bound on D_G, and DAE stage 1 minimises exactly this bound
-with G = the weak auxiliary decoder class. `capacity_curve` estimates the bound for several G at once:
-fresh probe decoders of growing width, trained on the frozen latent. A latent that is simple for a
-generator keeps its error low even for the thinnest probe.
+The idea, in our reading of Hu et al. ("Complexity Matters", NeurIPS 2023): how far a latent distribution P_z is
+from the data P_x depends on who has to bridge the gap. For a class G of decoders of bounded complexity,
+D_G(P_z, P_x) = inf_{g in G} d_F(g # P_z, P_x). With an encoder e, P_z = e # P_x, and for the Wasserstein-1
+distance d(g # e # P_x, P_x) <= E ||g(e(x)) - x|| (pair each x with its own reconstruction: one transport plan,
+so at least as expensive as the best one). So the best reconstruction error inside G is an upper bound on D_G,
+and DAE stage 1 minimises exactly this bound with G = the weak auxiliary decoder class. `capacity_curve`
+estimates the bound for several G at once: fresh probe decoders of growing width, trained on the frozen latent.
+A latent that is simple for a generator keeps its error low even for the thinnest probe.
 
 The other scores need no downloads: FD is the Frechet Distance in the features of a small CNN (the
 "evaluator") trained here once, deterministically: not FID, and only comparable under the same evaluator.
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from data import FACTOR_NAMES, get_dataset, load_split, render_iou, shift_images
 from model import Decoder
 from plumbing import (HelpFormatter, check_device, check_out_dir, command, fail, get_lr, load_autoencoder,
-                      load_checkpoint, save_checkpoint, table_line)
+                      load_checkpoint, precision, save_checkpoint, table_line)
 
 # -----------------------------------------------------------------------------
 # the complexity-motivated distance: best reconstruction error within decoder classes of growing width
@@ -39,18 +38,17 @@ from plumbing import (HelpFormatter, check_device, check_out_dir, command, fail,
 
 def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.5, 1.0), steps=300,
                    batch_size=32, lr=2e-3, seed=0, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
-                   evaluator=None, eval_labels=None, device="cpu", patience=0, check_every=200):
-    """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x) back
-    to x (L1 loss, AdamW; a (width, dropout) pair trains with dropout, like stage 1's auxiliary decoder),
-    then score it on images it never saw. patience 0 trains a fixed `steps` (cosine learning rate: quick,
-    but it mixes how fast a probe learns with what its class can represent); patience P trains to
-    convergence: every `check_every` steps the L1 on 1,000 training images held out from the probe is
-    checked, P checks without a 0.5 % gain drop the learning rate 4x (back at the best weights), and the
-    third drop (or `steps`) ends it, with the best weights (from kept_step). One row per width: params
-    (the complexity of the class G), steps trained, l1 = mean |g(e(x)) - x| per pixel (the upper bound on
-    D_G, W1 with the L1 ground cost, as well as training finds the best g in G), psnr; with an evaluator,
-    fd (and on the shapes render_iou) of the decoded images. encode_fn maps images to (N, z, h, w)
-    latents: any function, so a test can score noise or a damaged latent. Every width: the same seed."""
+                   evaluator=None, eval_labels=None, device="cpu", patience=0, check_every=200, dtype=None):
+    """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x) back to x
+    (L1 loss, AdamW; a (width, dropout) pair trains with dropout, like stage 1's auxiliary decoder) and score it
+    on images it never saw. patience 0 trains a fixed `steps` (cosine learning rate: quick, but it mixes how fast
+    a probe learns with what its class can represent); patience P trains to convergence: every `check_every`
+    steps the L1 on 1,000 training images held out from the probe is checked, P checks without a 0.5 % gain drop
+    the learning rate 4x (back at the best weights), and the third drop (or `steps`) ends it at the best weights
+    (kept_step). A row per width: params (the complexity of the class G), steps, l1 = mean |g(e(x)) - x| per
+    pixel (the upper bound on D_G, W1 with the L1 ground cost, as well as training finds the best g in G), psnr,
+    with an evaluator fd (and on the shapes render_iou). encode_fn: images -> (N, z, h, w) latents, any function
+    (a test scores noise). Every width: the same seed. dtype: the training precision (GPUs: bf16 autocast)."""
     with torch.no_grad():  # the latent is frozen: encode every image once
         z_train, z_eval = [torch.cat([encode_fn(batch.to(device)).float() for batch in images.split(256)])
                            for images in (train_images, eval_images)]
@@ -61,6 +59,7 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
     held = min(1000, len(z_train) // 10) if patience else 0  # a stopping set the probes never train on
     z_held, x_held, z_train, train_images = z_train[:held], train_images[:held], z_train[held:], train_images[held:]
     real_features, rows = features(evaluator, eval_images) if evaluator is not None else None, []
+    dtype, autocast = precision(device, dtype)  # training in bf16 autocast on GPUs, or when asked; scores: float32
     for width in widths:
         (width, dropout), t0 = width if isinstance(width, tuple) else (width, 0.0), time.time()
         torch.manual_seed(seed)  # the same initialisation stream and batches for every width
@@ -73,7 +72,9 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
                 group["lr"] = (min(peak, lr * (step + 1) / 100) if patience else
                                get_lr(step, lr, steps // 10, steps, lr / 10))
             idx = torch.randint(len(z_train), (batch_size,), generator=order)
-            (probe(z_train[idx]) - train_images[idx]).abs().mean().backward()
+            with autocast:
+                loss = (probe(z_train[idx]) - train_images[idx]).abs().mean()
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -93,7 +94,7 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
         with torch.no_grad():
             recon = torch.cat([probe(z).clamp(-1, 1).cpu() for z in z_eval.split(256)])
         mse = ((recon - eval_images) / 2).pow(2).flatten(1).mean(1)  # per image, on a [0, 1] scale
-        row = {"width": width, "dropout": dropout, "params": sum(p.numel() for p in probe.parameters()),
+        row = {"width": width, "dropout": dropout, "dtype": dtype, "params": sum(p.numel() for p in probe.parameters()),
                "steps": step, "kept_step": best[2] if patience else step, "l1": (recon - eval_images).abs().mean().item(),
                "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()}
         if evaluator is not None:
@@ -277,18 +278,16 @@ def get_evaluator(out_dir, train_set, val_set, image_shape, num_classes, data_co
 
 def score_samples(samples, asked, ae, ae_state, latents, out_dir, device="cpu", eval_steps=400, seed=0,
                   batch_size=256, split="val"):
-    """Score samples against the `split` images (val while choosing, test for final figures), next to the
-    rows that put the numbers in context: one Gaussian fitted to the latents (the trivial prior the DiT
-    must beat), reconstructions of the other held-out split (the best any prior could do with this
-    decoder), and that split itself (the floor: real images the evaluator never trained on either, so its
-    FD is the sampling noise of the score; every row is unpaired with the reference). Per row: FD in
-    the evaluator's features and its mean term (moved when one class is drawn too often); on the shapes
-    data.render_iou against the class asked for (or seen). `asked`: each sample's label, or None."""
+    """Score samples (`asked`: each one's label, or None) against the `split` images (val while choosing, test
+    for final figures), next to rows that put the numbers in context: one Gaussian fitted to the latents (the
+    trivial prior the DiT must beat), reconstructions of the other held-out split (the best any prior could do
+    with this decoder), and that split itself (the floor: real images the evaluator never trained on either; its
+    FD is the score's sampling noise). Every row is unpaired with the reference and gets FD, its mean term (moved
+    by a class drawn too often), precision, recall, and on the shapes render_iou against the class asked (or seen)."""
     c = ae_state["config"]
     train_set, val_set, test_set, image_shape, _ = get_dataset(c["data"], c["data_dir"], c["image_size"],
                                                                c["channels"], c["download"], c.get("data_seed", 0))
-    (images, _, factors), floor = [load_split(s) for s in ((val_set, test_set) if split == "val" else
-                                                                 (test_set, val_set))]
+    (images, _, factors), floor = map(load_split, (val_set, test_set) if split == "val" else (test_set, val_set))
     evaluator, info = get_evaluator(out_dir, train_set, val_set, image_shape, ae_state["num_classes"], c,
                                     device, steps=eval_steps, seed=0)
     n, decode = len(samples), lambda z: torch.cat([ae.decode(b.to(device)).clamp(-1, 1).cpu() for b in z.split(batch_size)])
@@ -349,6 +348,7 @@ def main():
     parser.add_argument("--eval_steps", type=int, default=400, help="training steps of the evaluator")
     parser.add_argument("--seed", type=int, default=0, help="seeds the probes and the evaluator")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="probe training (default: bfloat16 on cuda only)")
     args = parser.parse_args()
     try:  # "aux" is resolved once the checkpoint's config is known
         widths = [w if w == "aux" else float(w) for w in args.widths.replace(" ", "").split(",")]
@@ -384,8 +384,8 @@ def main():
     aux = (c.get("aux_width", 1.0), c.get("aux_dropout", 0.0))
     classes = list(dict.fromkeys(aux if w == "aux" else (w, 0.0) for w in widths))
     rows = capacity_curve(lambda x: ae.encode(x)[0], train_images, eval_images, classes, args.steps,  # e(x) = posterior mean
-                          args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"],
-                          evaluator, eval_labels if factors.shape[1] else None, args.device, args.patience)
+                          args.batch_size, args.lr, args.seed, c["ch"], c["ch_mult"], c["num_res_blocks"], evaluator,
+                          eval_labels if factors.shape[1] else None, args.device, args.patience, dtype=args.dtype)
     # out_dir/distance.json for ae.pt; another checkpoint gets its own file, e.g. distance_ae_stage1.json
     name = "" if args.ae is None else "_" + os.path.splitext(os.path.basename(args.ae))[0]
     out_path = os.path.join(args.out_dir, f"distance{name}.json")

@@ -194,8 +194,7 @@ def test_two_stage_dae_end_to_end(pipeline):
 def test_joint_baseline_runs_downstream_and_nan_loss_stops(tmp_path):
     run("train_ae.py", "--stage", "joint", "--out_dir", out := tmp_path, *TINY_AE, "--dtype", "bfloat16",  # cpu autocast
         "--gan_weight", "0.1")  # and VQGAN's adversarial loss
-    assert load(out, "ae.pt")["stage"] == "joint" and "latent_scale" in load(out, "ae.pt")
-    assert "discriminator" in load(out, "ae.pt")
+    assert load(out, "ae.pt")["stage"] == "joint" and {"latent_scale", "discriminator"} <= load(out, "ae.pt").keys()
     run("train_prior.py", "--out_dir", out, *TINY_PRIOR, "--compile", "--dtype", "bfloat16")  # the GPU paths, on cpu
     assert not any("_orig_mod" in k for k in load(out, "prior.pt")["model"])  # saved: the plain module, loadable
     run("sample.py", "--out_dir", out, "--num_samples", "2", "--steps", "2")
@@ -316,7 +315,8 @@ def test_capacity_curve_ranks_a_latent_with_less_information_worse_and_trains_pr
                "noise": lambda x: torch.randn(x.shape[0], 4, 8, 8)}  # nothing about the image at all
     curve = lambda latent, **options: distance.capacity_curve(latent, images[:1792], images[1792:], **options)[0]
     l1 = {name: curve(latent, widths=(0.25,), steps=200)["l1"] for name, latent in latents.items()}
-    assert l1["8x8 means"] < l1["2x2 means"] < l1["noise"], l1
+    bf16 = curve(latents["8x8 means"], widths=(0.25,), steps=200, dtype="bfloat16")["l1"]  # autocast: close, not equal
+    assert l1["8x8 means"] < l1["2x2 means"] < l1["noise"] and 0 < abs(bf16 / l1["8x8 means"] - 1) < 0.1, (l1, bf16)
     row = curve(latents["8x8 means"], widths=(0.25,), steps=600, patience=1, check_every=100)  # to convergence:
     assert 200 < row["kept_step"] <= row["steps"] <= 600 and row["l1"] < l1["8x8 means"], row  # on while it gains
     row = curve(latents["8x8 means"], widths=(0.125,), steps=10_000, lr=1e-12, patience=1, check_every=20)
@@ -396,12 +396,13 @@ def test_sample_grid_npz_eval_and_distance_scripts(pipeline, tmp_path):
     assert metrics["split"] == "val" and 0 <= metrics["class_match"] <= 1 and metrics["num_reference"] == 2000
     assert metrics["scores"]["real (test)"]["render_iou"] > dit["render_iou"]  # real shapes beat a 4-step prior's
     assert metrics["sampler"]["cfg_scale"] == 3.0 and metrics["sampler"]["guide_below"] == 500 and abs(sum(metrics["class_shares"]) - 1) < 1e-6  # guided by default
-    proc = run("distance.py", "--out_dir", out, "--steps", 5, "--patience", 1, "--num_train", 256, "--eval_steps", 30)
+    proc = run("distance.py", "--out_dir", out, "--steps", 5, "--patience", 1, "--num_train", 256, "--eval_steps", 30,
+               "--dtype", "bfloat16")
     assert "training the evaluator" not in proc.stdout  # the cached evaluator of --eval is reused
     rows = json.load(open(os.path.join(out, "distance.json")))["rows"]
     assert [(r["width"], r["dropout"]) for r in rows] == [(0.125, 0), (0.25, 0), (0.5, 0), (1, 0), (1, 0.2)]  # + stage 1's
     params = [r["params"] for r in rows]  # every width a distinct class; stage 1's class has the full width's params
-    assert params[0] < params[1] < params[2] < params[3] == params[4] and {r["kept_step"] for r in rows} == {5}
+    assert params[0] < params[1] < params[2] < params[3] == params[4] and {(r["kept_step"], r["dtype"]) for r in rows} == {(5, "bfloat16")}
     assert all(r["l1"] > 0 and r["fd"] >= 0 and 0 <= r["render_iou"] <= 1 for r in rows) and rows[3]["l1"] != rows[4]["l1"]
 
 

@@ -38,7 +38,7 @@ from plumbing import (HelpFormatter, check_device, check_out_dir, command, fail,
 
 def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.5, 1.0), steps=300,
                    batch_size=32, lr=2e-3, seed=0, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
-                   evaluator=None, eval_labels=None, device="cpu", patience=0, check_every=200, dtype=None):
+                   evaluator=None, eval_labels=None, device="cpu", patience=0, check_every=200, dtype="float32"):
     """For each width w, train a fresh probe Decoder(width=w) to map the frozen latents encode_fn(x) back to x
     (L1 loss, AdamW; a (width, dropout) pair trains with dropout, like stage 1's auxiliary decoder) and score it
     on images it never saw. patience 0 trains a fixed `steps` (cosine learning rate: quick, but it mixes how fast
@@ -48,7 +48,7 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
     (kept_step). A row per width: params (the complexity of the class G), steps, l1 = mean |g(e(x)) - x| per
     pixel (the upper bound on D_G, W1 with the L1 ground cost, as well as training finds the best g in G), psnr,
     with an evaluator fd (and on the shapes render_iou). encode_fn: images -> (N, z, h, w) latents, any function
-    (a test scores noise). Every width: the same seed. dtype: the training precision (GPUs: bf16 autocast)."""
+    (a test scores noise). Every width: the same seed. dtype: the training precision; scoring is float32."""
     with torch.no_grad():  # the latent is frozen: encode every image once
         z_train, z_eval = [torch.cat([encode_fn(batch.to(device)).float() for batch in images.split(256)])
                            for images in (train_images, eval_images)]
@@ -59,7 +59,7 @@ def capacity_curve(encode_fn, train_images, eval_images, widths=(0.125, 0.25, 0.
     held = min(1000, len(z_train) // 10) if patience else 0  # a stopping set the probes never train on
     z_held, x_held, z_train, train_images = z_train[:held], train_images[:held], z_train[held:], train_images[held:]
     real_features, rows = features(evaluator, eval_images) if evaluator is not None else None, []
-    dtype, autocast = precision(device, dtype)  # training in bf16 autocast on GPUs, or when asked; scores: float32
+    dtype, autocast = precision(device, dtype)  # bf16 autocast: faster; moves a converged bound as a restart does
     for width in widths:
         (width, dropout), t0 = width if isinstance(width, tuple) else (width, 0.0), time.time()
         torch.manual_seed(seed)  # the same initialisation stream and batches for every width
@@ -348,7 +348,7 @@ def main():
     parser.add_argument("--eval_steps", type=int, default=400, help="training steps of the evaluator")
     parser.add_argument("--seed", type=int, default=0, help="seeds the probes and the evaluator")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="probe training (default: bfloat16 on cuda only)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="probe training precision")
     args = parser.parse_args()
     try:  # "aux" is resolved once the checkpoint's config is known
         widths = [w if w == "aux" else float(w) for w in args.widths.replace(" ", "").split(",")]

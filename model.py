@@ -1,11 +1,10 @@
 """
 The networks and the diffusion process, in three parts:
-  1. the autoencoder: a VQGAN / latent-diffusion style Encoder and Decoder with a diagonal Gaussian
-     latent (KL-regularised), whose decoder can be weakened by a width multiplier and by dropout,
-     the two knobs the Decoupled Autoencoder (DAE) needs; and VQGAN's optional patch discriminator;
-  2. the prior: a Diffusion Transformer (DiT, Peebles & Xie 2023) written out in full, with the same
-     parameter names and shapes as the original implementation, so its checkpoints load unchanged;
-  3. GaussianDiffusion: the noise schedule, the training loss and the DDPM and DDIM samplers.
+  1. the autoencoder: a VQGAN / latent-diffusion style KL autoencoder whose decoder can be weakened
+     by a width multiplier and by dropout, the two knobs the Decoupled Autoencoder (DAE) needs;
+  2. the prior: a Diffusion Transformer (DiT, Peebles & Xie 2023) written out in full, with the
+     original's parameter names and shapes, so its checkpoints load unchanged;
+  3. GaussianDiffusion: the noise schedule, the training loss and the DDIM / DDPM sampler.
 """
 import math
 from collections import OrderedDict
@@ -31,8 +30,10 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, dropout=0.0):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2, self.conv2 = Normalize(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm1 = Normalize(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = Normalize(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.dropout = nn.Dropout(dropout)  # the DAE's second way to weaken a decoder
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -43,11 +44,13 @@ class ResnetBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """(N, C, H, W) image -> (N, 2 * z_channels, H / 2^(L-1), W / 2^(L-1)): mean and log-variance."""
+    """(N, C, H, W) image -> (N, 2 z_channels, H / 2^(L-1), W / 2^(L-1)): mean, log-variance."""
 
-    def __init__(self, in_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4, dropout=0.0):
+    def __init__(self, in_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
+                 dropout=0.0):
         super().__init__()
-        layers, width = [nn.Conv2d(in_channels, ch, 3, padding=1)], ch
+        layers = [nn.Conv2d(in_channels, ch, 3, padding=1)]
+        width = ch
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 layers.append(ResnetBlock(width, ch * mult, dropout))
@@ -55,8 +58,8 @@ class Encoder(nn.Module):
             if level != len(ch_mult) - 1:  # halve the resolution between levels
                 layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
         # the middle: taming adds self-attention here; at 8x8 the convs already see the whole image
-        layers += [ResnetBlock(width, width, dropout), Normalize(width), nn.SiLU(),
-                   nn.Conv2d(width, 2 * z_channels, 3, padding=1)]  # double_z: mean and log-variance
+        layers += [ResnetBlock(width, width, dropout), Normalize(width), nn.SiLU()]
+        layers.append(nn.Conv2d(width, 2 * z_channels, 3, padding=1))  # double_z: mean, log-var
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -64,13 +67,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(N, z_channels, h, w) latent -> (N, C, H, W) image, the Encoder's mirror. `width` scales every
-    channel count: width=0.25 is a decoder with ~1/16 of the parameters."""
+    """(N, z_channels, h, w) latent -> (N, C, H, W) image, the Encoder's mirror. `width` scales
+    every channel count: width=0.25 is a decoder with ~1/16 of the parameters."""
 
     def __init__(self, out_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
                  dropout=0.0, width=1.0):
         super().__init__()
-        chans = [max(1, round(ch * m * width)) for m in ch_mult]  # every width its own decoder class
+        chans = [max(1, round(ch * m * width)) for m in ch_mult]  # every width its own class
         width = chans[-1]
         layers = [nn.Conv2d(z_channels, width, 3, padding=1), ResnetBlock(width, width, dropout)]
         for level in reversed(range(len(ch_mult))):
@@ -78,8 +81,10 @@ class Decoder(nn.Module):
                 layers.append(ResnetBlock(width, chans[level], dropout))
                 width = chans[level]
             if level != 0:  # nearest-neighbour upsampling followed by a conv, as in taming
-                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
-        layers += [Normalize(chans[0]), nn.SiLU(), nn.Conv2d(chans[0], out_channels, 3, padding=1)]
+                layers.append(nn.Upsample(scale_factor=2.0, mode="nearest"))
+                layers.append(nn.Conv2d(width, width, 3, padding=1))
+        layers += [Normalize(chans[0]), nn.SiLU()]
+        layers.append(nn.Conv2d(chans[0], out_channels, 3, padding=1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -88,9 +93,9 @@ class Decoder(nn.Module):
 
 class Autoencoder(nn.Module):
     """Encoder -> 1x1 conv -> diagonal Gaussian posterior q(z|x) -> 1x1 conv -> Decoder.
-    Like the latent-diffusion "AutoencoderKL": the encoder predicts a mean and a log-variance per latent
-    element; training decodes a sample z = mean + std * noise and adds a small KL(q(z|x) || N(0, I)),
-    which keeps the latent bounded and smooth: the latent the prior is trained on."""
+    Like the latent-diffusion "AutoencoderKL": the encoder predicts a mean and a log-variance per
+    latent element; training decodes a sample z = mean + std * noise and adds a small
+    KL(q(z|x) || N(0, I)), which keeps the latent bounded and smooth: what the prior models."""
 
     def __init__(self, img_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
                  dropout=0.0, dec_width=1.0, dec_dropout=0.0):
@@ -98,12 +103,13 @@ class Autoencoder(nn.Module):
         self.encoder = Encoder(img_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
-        self.decoder = Decoder(img_channels, ch, ch_mult, num_res_blocks, z_channels, dec_dropout, dec_width)
+        self.decoder = Decoder(img_channels, ch, ch_mult, num_res_blocks, z_channels, dec_dropout,
+                               dec_width)
         self.encoder_frozen = False
 
     def freeze_encoder(self):
-        """DAE stage 2: the latent must not change. No gradient reaches the encoder, and it stays in eval
-        mode (no dropout noise in the latent) even when the training loop calls model.train()."""
+        """DAE stage 2: the latent must not change. No gradient reaches the encoder, and it stays in
+        eval mode (no dropout noise in the latent) even when the training loop calls train()."""
         self.encoder_frozen = True
         self.encoder.requires_grad_(False)
         self.quant_conv.requires_grad_(False)
@@ -111,7 +117,8 @@ class Autoencoder(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.encoder.train(mode and not self.encoder_frozen)  # quant_conv, a 1x1 conv, has no dropout
+        # quant_conv, a 1x1 conv, has no dropout: only the encoder needs to stay in eval mode
+        self.encoder.train(mode and not self.encoder_frozen)
         return self
 
     def encode(self, x):
@@ -130,27 +137,6 @@ class Autoencoder(nn.Module):
         return self.decode(z), kl
 
 
-class PatchDiscriminator(nn.Sequential):
-    """VQGAN's optional adversarial loss (Esser et al. 2021): scores image patches as real (> 0) or not (< 0)."""
-
-    def __init__(self, in_channels=1, ch=32):
-        super().__init__(nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(ch, 2 * ch, 4, 2, 1),
-                         Normalize(2 * ch), nn.LeakyReLU(0.2), nn.Conv2d(2 * ch, 1, 3, 1, 1))  # (N, 1, H/4, W/4)
-
-    def hinge_loss(self, real, fake):
-        """The discriminator's own loss: real patches above +1, reconstructions below -1 (one pass)."""
-        real_scores, fake_scores = self(torch.cat([real, fake.detach()])).float().chunk(2)
-        return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
-
-    def generator_loss(self, fake):
-        """The autoencoder's adversarial term: look real. Only the autoencoder learns from it: frozen
-        here, the discriminator gets no gradient that would push it against its own hinge loss."""
-        self.requires_grad_(False)
-        loss = -self(fake).float().mean()
-        self.requires_grad_(True)
-        return loss
-
-
 # -----------------------------------------------------------------------------
 # 2. the prior: a Diffusion Transformer. Names and shapes of every parameter follow the original
 # DiT code (facebookresearch/DiT, models.py), so `load_state_dict(original, strict=True)` works.
@@ -162,7 +148,7 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    """Integer diffusion step t -> sinusoidal features (as in the Transformer's positions) -> MLP."""
+    """Integer diffusion step t -> sinusoidal features (like the Transformer's positions) -> MLP."""
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
@@ -172,8 +158,10 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        half = dim // 2  # cos on the first half, sin on the second, frequencies from 1 to 1/max_period
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        # cos on the first half, sin on the second, at frequencies from 1 down to 1 / max_period
+        half = dim // 2
+        steps = torch.arange(half, dtype=torch.float32, device=t.device) / half
+        freqs = torch.exp(-math.log(max_period) * steps)
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim) for even dim
 
@@ -182,12 +170,14 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> vector. Row `num_classes` is the "no class" embedding that classifier-free guidance
-    needs (an unconditional model has only it); training swaps a label for it with probability dropout_prob."""
+    """Class label -> vector. Row `num_classes` is the "no class" embedding that classifier-free
+    guidance needs (an unconditional model has only it); training swaps a label for it with
+    probability dropout_prob."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0 or num_classes == 0), hidden_size)
+        has_null_row = dropout_prob > 0 or num_classes == 0
+        self.embedding_table = nn.Embedding(num_classes + int(has_null_row), hidden_size)
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, labels, train):
@@ -198,38 +188,41 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, fused: PyTorch's kernel never builds the (T, T) matrix on a GPU."""
+    """Multi-head self-attention, fused: on a GPU the (T, T) matrix is never built."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
-        x = attention(q, k, v)  # F.scaled_dot_product_attention, (N, heads, T, head_dim)
+        qkv = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
+        x = attention(*qkv)  # F.scaled_dot_product_attention: (N, heads, T, head_dim)
         return self.proj(rearrange(x, "n h t d -> n t (h d)"))
 
 
 class DiTBlock(nn.Module):
-    """A Transformer block whose LayerNorms are modulated by the conditioning c (adaLN-Zero): c gives
-    a shift, a scale and a gate for each of the two branches."""
+    """A Transformer block whose LayerNorms are modulated by the conditioning c (adaLN-Zero): c
+    gives a shift, a scale and a gate for each of the two branches."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        hidden = int(hidden_size * mlp_ratio)  # named layers keep the original keys mlp.fc1 / mlp.fc2
+        hidden = int(hidden_size * mlp_ratio)
+        # named layers keep the original's keys mlp.fc1 and mlp.fc2
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(hidden_size, hidden), act=TanhGELU(),
                                              fc2=nn.Linear(hidden, hidden_size)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
-        return x
+        modulation = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x                                                                  # (N, T, D)
 
 
 class FinalLayer(nn.Module):
@@ -247,7 +240,8 @@ class FinalLayer(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Cut the latent into p x p patches, each embedded by one shared linear map: a conv, kernel = stride = p."""
+    """Cut the latent into p x p patches, each embedded by one shared linear map: a conv with
+    kernel = stride = p."""
 
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
@@ -259,31 +253,36 @@ class PatchEmbed(nn.Module):
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
     """Fixed 2-D position embedding, (grid_size ** 2, embed_dim): the first half of the features
-    encodes the column of the patch, the second half its row, each as sin then cos (as in MAE/DiT)."""
+    encodes the column of the patch, the second half its row, each as sin then cos (MAE, DiT)."""
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
-                                torch.arange(grid_size, dtype=torch.float64), indexing="ij")
-    halves = [torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], dim=1)
-              for p in (cols, rows)]
-    return torch.cat(halves, dim=1).float()
+    axis = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+    angles = [position.reshape(-1, 1) * omega for position in (cols, rows)]  # (T, embed_dim / 4)
+    return torch.cat([torch.cat([a.sin(), a.cos()], dim=1) for a in angles], dim=1).float()
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer: noisy latent x (N, C, H, W), step t (N,), label y (N,) -> predicted noise.
-    With learn_sigma the output has 2C channels (noise, then the original's variance); we read the first C."""
+    """Diffusion Transformer: noisy latent x (N, C, H, W), step t (N,), label y (N,) -> predicted
+    noise. With learn_sigma the output has 2C channels (noise, then the original's variance); we
+    read the first C."""
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+                 learn_sigma=True):
         super().__init__()
         if not isinstance(input_size, int) or input_size % patch_size:
-            raise ValueError(f"DiT needs a square latent whose side ({input_size}) --patch_size {patch_size} divides")
-        self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
-        self.out_channels, self.num_classes = (in_channels * 2 if learn_sigma else in_channels), num_classes
+            raise ValueError(f"DiT needs a square latent whose side ({input_size}) "
+                             f"--patch_size {patch_size} divides")
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_classes = num_classes
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, (input_size // patch_size) ** 2, hidden_size), False)  # no grad
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        num_patches = (input_size // patch_size) ** 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -293,7 +292,8 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         grid = int(self.pos_embed.shape[1] ** 0.5)
-        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid).unsqueeze(0))
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
+        self.pos_embed.data.copy_(pos_embed.unsqueeze(0))
         w = self.x_embedder.proj.weight.data  # initialise the patch conv like a linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -302,22 +302,24 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: zero modulation makes every gate 0, so each block starts as the identity
         # function and the network as a whole starts by predicting 0 (the output layer is zero too)
-        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [
-                self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x):
-        """(N, T, p * p * C) tokens -> (N, C, H, W) image; T = (H / p) * (W / p) in row-major order."""
+        """(N, T, p * p * C) tokens -> (N, C, H, W); T = (H / p) * (W / p) in row-major order."""
         side = int(x.shape[1] ** 0.5)
-        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=side, p=self.patch_size, q=self.patch_size)
+        p = self.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=side, p=p, q=p)
 
     def forward(self, x, t, y):
-        x = self.x_embedder(x) + self.pos_embed           # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        x = self.x_embedder(x) + self.pos_embed                      # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)   # (N, D)
         for block in self.blocks:
-            x = block(x, c)                                 # (N, T, D)
-        return self.unpatchify(self.final_layer(x, c))     # (N, out_channels, H, W)
+            x = block(x, c)                                          # (N, T, D)
+        return self.unpatchify(self.final_layer(x, c))               # (N, out_channels, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -325,9 +327,10 @@ class DiT(nn.Module):
 
 
 class GaussianDiffusion(nn.Module):
-    """The forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), beta_t linear from 1e-4 to
-    0.02 over 1000 steps, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, in float32 buffers (float64
-    breaks Apple's MPS). `model` below is any callable model(x, t, y) -> predicted noise (extra channels ignored)."""
+    """The forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with beta_t linear
+    from 1e-4 to 0.02 over 1000 steps, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, in
+    float32 buffers (float64 breaks Apple's MPS). `model` below is any callable
+    model(x, t, y) -> predicted noise (channels beyond x's are ignored)."""
 
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
         super().__init__()
@@ -341,36 +344,24 @@ class GaussianDiffusion(nn.Module):
         abar = self.alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def training_loss(self, model, x0, y):
-        """DDPM Algorithm 1: a random step t per example, noise it, regress the noise (the "simple" loss)."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
+    def training_loss(self, model, x0, y, t, noise):
+        """DDPM Algorithm 1: with t ~ Uniform{0..T-1} and noise ~ N(0, I) drawn per example by the
+        caller, noise x0 to x_t and regress the noise (the "simple" loss)."""
         eps = model(self.q_sample(x0, t, noise), t, y)[:, :x0.shape[1]]
         return F.mse_loss(eps.float(), noise)
 
     def guided_eps(self, model, x, t, y, cfg_scale, null_label):
-        """Classifier-free guidance in one place: eps = eps(x|none) + s (eps(x|y) - eps(x|none)), on every channel;
-        s = 1 is the conditional model (one pass). The samplers guide only t < guide_below (sample.py says why)."""
+        """Classifier-free guidance in one place, on every channel, in float32:
+            eps = eps(x | none) + s (eps(x | y) - eps(x | none));
+        s = 1 is the conditional model alone (one pass). The samplers guide only t < guide_below
+        (sample.py says why)."""
+        channels = x.shape[1]
         if cfg_scale == 1.0:
-            return model(x, t, y)[:, :x.shape[1]]
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
-        cond, uncond = both[:, :x.shape[1]].chunk(2)
+            return model(x, t, y)[:, :channels].float()
+        null = torch.full_like(y, null_label)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = both[:, :channels].float().chunk(2)
         return uncond + cfg_scale * (cond - uncond)
-
-    @torch.no_grad()
-    def ddpm_sample(self, model, noise, y, cfg_scale=1.0, null_label=0, generator=None, guide_below=1000):
-        """DDPM Algorithm 2, ancestral sampling through all T steps: x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t)
-        eps) / sqrt(alpha_t) + sigma_t z, sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t) (q(x_{t-1}|x_t, x_0)'s)."""
-        x = noise
-        for i in reversed(range(self.num_timesteps)):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, t, y, cfg_scale if i < guide_below else 1.0, null_label)
-            beta, abar = self.betas[i], self.alphas_cumprod[i]
-            x = (x - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()
-            if i > 0:  # no noise is added on the last step
-                var = beta * (1 - self.alphas_cumprod[i - 1]) / (1 - abar)
-                x = x + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
-        return x
 
     def ddim_timesteps(self, steps):
         """`steps` evenly spaced steps from T-1 down to 0, e.g. 50 of the 1000."""
@@ -379,21 +370,28 @@ class GaussianDiffusion(nn.Module):
         return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
 
     @torch.no_grad()
-    def ddim_sample(self, model, noise, y, steps=50, eta=0.0, cfg_scale=1.0, null_label=0, generator=None, guide_below=1000):
-        """DDIM: the same trained model on a short sub-sequence of steps (the network runs `steps` times,
-        not T): from x_t it predicts x_0, then jumps to the next kept step t' with q(x_t' | x_0):
+    def ddim_sample(self, model, noise, y, steps=50, eta=0.0, cfg_scale=1.0, null_label=0,
+                    generator=None, guide_below=1000):
+        """DDIM (Song et al. 2021): the same trained model on a sub-sequence of `steps` of the T
+        steps. From x_t it predicts x_0, then jumps to the next kept step t' with q(x_t' | x_0):
             x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-            x_t' = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z
-        eta = 0 is deterministic; eta = 1 with all T steps is exactly DDPM's ancestral sampler."""
-        x, times = noise, self.ddim_timesteps(steps)
+            x_t' = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z,
+            sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t').
+        eta = 0 is deterministic. eta = 1 with all T steps is DDPM's ancestral sampler (Ho et al.
+        2020, Algorithm 2): sigma^2 is then the variance of q(x_{t-1} | x_t, x_0), and the mean is
+        that posterior's mean, written through x_0 (`sample.py --sampler ddpm` runs it)."""
+        x = noise
+        times = self.ddim_timesteps(steps)
         for i, step in enumerate(times):
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, t, y, cfg_scale if step < guide_below else 1.0, null_label)
+            scale = cfg_scale if step < guide_below else 1.0
+            eps = self.guided_eps(model, x, t, y, scale, null_label)
             abar = self.alphas_cumprod[step]
-            abar_next = self.alphas_cumprod[times[i + 1]] if i + 1 < len(times) else torch.ones_like(abar)
+            last = i + 1 == len(times)
+            abar_next = torch.ones_like(abar) if last else self.alphas_cumprod[times[i + 1]]
             x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
             sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
             x = abar_next.sqrt() * x0 + (1 - abar_next - sigma ** 2).sqrt() * eps
-            if eta > 0 and i + 1 < len(times):
+            if eta > 0 and not last:
                 x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
         return x

@@ -350,28 +350,29 @@ class GaussianDiffusion(nn.Module):
         eps = model(self.q_sample(x0, t, noise), t, y)[:, :x0.shape[1]]
         return F.mse_loss(eps.float(), noise)
 
-    def guided_eps(self, model, x, t, y, cfg_scale, null_label):
+    def guided_eps(self, model, x, t, y, cfg_scale, null_label, guide=None):
         """Classifier-free guidance in one place, on every channel, in float32:
             eps = eps(x | none) + s (eps(x | y) - eps(x | none));
-        s = 1 is the conditional model alone (one pass). The samplers guide only t < guide_below
-        (sample.py says why)."""
+        s = 1 is the conditional model alone (one pass). With a `guide` model (autoguidance, Karras
+        et al. 2024) its conditional prediction, a weaker one, takes the place of eps(x | none)."""
         channels = x.shape[1]
         if cfg_scale == 1.0:
             return model(x, t, y)[:, :channels].float()
+        if guide is not None:
+            weak = guide(x, t, y)[:, :channels].float()
+            return weak + cfg_scale * (model(x, t, y)[:, :channels].float() - weak)
         null = torch.full_like(y, null_label)
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = both[:, :channels].float().chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
     def ddim_timesteps(self, steps):
-        """`steps` evenly spaced steps from T-1 down to 0, e.g. 50 of the 1000."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"--steps must be between 1 and {self.num_timesteps}, got {steps}")
+        """`steps` (1 to T) evenly spaced steps from T-1 down to 0, e.g. 50 of the 1000."""
         return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
 
     @torch.no_grad()
     def ddim_sample(self, model, noise, y, steps=50, eta=0.0, cfg_scale=1.0, null_label=0,
-                    generator=None, guide_below=1000):
+                    generator=None, guide_below=1000, guide=None):
         """DDIM (Song et al. 2021): the same trained model on a sub-sequence of `steps` of the T
         steps. From x_t it predicts x_0, then jumps to the next kept step t' with q(x_t' | x_0):
             x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
@@ -385,7 +386,7 @@ class GaussianDiffusion(nn.Module):
         for i, step in enumerate(times):
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
             scale = cfg_scale if step < guide_below else 1.0
-            eps = self.guided_eps(model, x, t, y, scale, null_label)
+            eps = self.guided_eps(model, x, t, y, scale, null_label, guide)
             abar = self.alphas_cumprod[step]
             last = i + 1 == len(times)
             abar_next = torch.ones_like(abar) if last else self.alphas_cumprod[times[i + 1]]

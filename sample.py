@@ -44,6 +44,9 @@ parser.add_argument("--cfg_scale", type=float,
                          "class-conditional prior, else 1)")
 parser.add_argument("--guide_below", type=int, default=500,
                     help="guide only the steps t < this (of 1000; 1000 = every step)")
+parser.add_argument("--guide_prior",
+                    help="autoguidance: guide with this weaker prior's conditional prediction instead "
+                         "of the 'no class' one (e.g. out/prior_step2000.pt, train_prior.py --snapshots)")
 parser.add_argument("--class_label", type=int, help="sample only this class (default: cycle)")
 parser.add_argument("--no_ema", action="store_true",
                     help="use the raw prior weights instead of their EMA")
@@ -132,6 +135,12 @@ if "latent_scale" not in ae_state:
     fail(f"{ae_path} is unfinished (no latent scale): finish it with "
          f"{command('train_ae.py', '--stage', ae_state['stage'], '--out_dir', ae_dir, '--resume')}")
 check_prior_fits(prior_state, ae_state)
+guide = None
+if args.guide_prior:  # a weaker prior on the same latents: its EMA weights
+    guide, guide_state = load_prior(args.guide_prior, make_prior, device)
+    if guide_state.get("latents_fingerprint") != prior_state.get("latents_fingerprint"):
+        fail(f"--guide_prior {args.guide_prior} was trained on other latents than {prior_path}: "
+             f"guide with a prior (or a --snapshots copy) of the same latents")
 if args.eval and ae_state["num_classes"] <= 1:
     fail("--eval's evaluator learns class labels, and this data has a single unlabelled class: "
          "write the samples with --save_npz and score them with an external FID suite")
@@ -147,6 +156,7 @@ latent_scale = prior_state["latent_scale"]
 # trained with label dropout has: an unconditional prior, or one trained with
 # --class_dropout_prob 0, samples unguided
 can_guide = num_classes > 0 and prior_state["dit_config"]["class_dropout_prob"] > 0
+can_guide = can_guide or guide is not None  # autoguidance needs no "no class" mode
 if num_classes == 0 and args.class_label is not None:
     fail("this prior is unconditional: drop --class_label, or train it without --unconditional")
 if args.cfg_scale not in (None, 1.0) and not can_guide:
@@ -209,7 +219,7 @@ def generate(n, seed):
         # DDPM walks all 1000 with fresh noise each step: the same model, 20x the network calls
         with autocast():
             z = diffusion.ddim_sample(prior, noise, y, args.steps, args.eta, args.cfg_scale,
-                                      num_classes, g, args.guide_below)
+                                      num_classes, g, args.guide_below, guide)
         images.append(decode(z / latent_scale))  # undo the unit-variance scaling first
         progress.update(start + len(y))
     return torch.cat(images)
@@ -230,7 +240,8 @@ start = time.time()
 samples = generate(args.num_samples, args.seed)
 elapsed = time.time() - start
 save_grid(samples[:64], output, nrow=8)  # a grid shows at most 64; --save_npz keeps them all
-guided = f"cfg {args.cfg_scale}"
+kind = "autoguidance" if guide is not None else "cfg"
+guided = f"{kind} {args.cfg_scale}"
 if args.cfg_scale != 1 and args.guide_below < 1000:
     guided += f" below t={args.guide_below}"
 print(f"wrote {min(64, len(samples))} of {len(samples)} samples ({args.sampler}, {args.steps} "
@@ -254,7 +265,8 @@ if args.eval:
     metrics.update(ae=ae_path, prior=prior_path)
     metrics["sampler"] = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
                           "cfg_scale": args.cfg_scale, "guide_below": args.guide_below,
-                          "ema": not args.no_ema, "seed": args.seed, "dtype": args.dtype}
+                          "ema": not args.no_ema, "seed": args.seed, "dtype": args.dtype,
+                          "guide_prior": args.guide_prior}
     scores = metrics["scores"]
     floor_name = list(scores)[-1]  # the last row: the real images of the other split
     print(f"\nFD in the evaluator's 128-d features (validation accuracy "

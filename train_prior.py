@@ -23,7 +23,7 @@ from data import StepSampler, load_autoencoder, load_checkpoint, save_checkpoint
 from model import DiT, GaussianDiffusion
 from plumbing import (FiniteGuard, HelpFormatter, TrainLog, add_run_options, check_out_dir, command,
                       fail, fast_bf16_cpu, finish_distributed, get_lr, initial_checksum,
-                      non_negative, positive_float, positive_int, precision, probability,
+                      int_list, non_negative, positive_float, positive_int, precision, probability,
                       resume_command, save_grid, setup_distributed, wrap_model)
 
 # -----------------------------------------------------------------------------
@@ -63,6 +63,9 @@ parser.add_argument("--ema_decay", type=probability, default=0.999,
 add_run_options(parser, log_interval=250, ckpt_interval=1000, fast_cpu_default=True)
 parser.add_argument("--sample_interval", type=int, default=2500,
                     help="steps between sample grids (0 = only at the end)")
+parser.add_argument("--snapshots", type=int_list, default=[],
+                    help="steps at which to keep a copy, out_dir/prior_step<S>.pt: an early, weaker "
+                         "prior that sample.py --guide_prior can guide with")
 args = parser.parse_args()
 if args.hidden_size % args.num_heads:
     fail(f"--hidden_size {args.hidden_size} must be divisible by --num_heads {args.num_heads}")
@@ -255,6 +258,9 @@ try:
         log.after_step(step, lr)
         if master_process and save_now:
             save_checkpoint(checkpoint(step), ckpt_path)
+        if master_process and step in args.snapshots:
+            guard.verify()
+            save_checkpoint(checkpoint(step), os.path.join(args.out_dir, f"prior_step{step}.pt"))
         if master_process and args.sample_interval and step % args.sample_interval == 0 \
                 and step != args.max_iters:
             sample_grid(step)

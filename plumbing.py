@@ -255,10 +255,15 @@ def finish_distributed(raw_model, rank, world_size, local_loss):
     torch.distributed.destroy_process_group()
 
 
-def resume_command():
-    """The command that was run, plus --resume: what Ctrl-C tells the user to run next."""
-    argv = sys.argv if "--resume" in sys.argv else sys.argv + ["--resume"]
-    return command(*argv)
+def stop_on_interrupt(step, guard, master_process, save, ckpt_path):
+    """Ctrl-C: keep the finished steps (if every one was finite) with `save()`, print the command
+    that continues the run (the one that was run, plus --resume), and exit with code 130."""
+    guard.verify()
+    if master_process:
+        save()
+        argv = sys.argv if "--resume" in sys.argv else sys.argv + ["--resume"]
+        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with: {command(*argv)}")
+    raise SystemExit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -293,9 +298,12 @@ class TrainLog:
     def is_log_step(self, step):
         return step % self.interval == 0 or step == self.max_iters
 
-    def after_step(self, step, lr):
-        """After optimizer step `step` (counted from 1): log if it is a log step. Every process
-        must call it (the mean over processes is a collective)."""
+    def after_step(self, step, lr, guard, save_now=False):
+        """After optimizer step `step` (counted from 1), on every process: read the finiteness
+        guard where a log line or a checkpoint needs it (one host-device sync; it stops the run if
+        any step since was not finite), then log if this is a log step (a collective under DDP)."""
+        if self.is_log_step(step) or save_now:
+            guard.verify()
         if not self.is_log_step(step):
             return
         sums = self.sums / self.steps

@@ -21,8 +21,8 @@ import torch
 from data import load_autoencoder, load_checkpoint, load_prior
 from evaluate import score_samples
 from model import GaussianDiffusion
-from plumbing import (HelpFormatter, check_device, check_out_dir, command, fail, positive_int,
-                      precision, save_grid, table_line, unit_interval)
+from plumbing import (HelpFormatter, check_device, check_out_dir, checked, command, fail,
+                      non_negative, positive_int, precision, save_grid, table_line, unit_interval)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
@@ -36,17 +36,18 @@ parser.add_argument("--num_samples", type=positive_int,
 parser.add_argument("--batch_size", type=positive_int, default=256, help="images sampled at once")
 parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"],
                     help="DDIM (few steps), or DDPM's ancestral sampler (all 1000 steps)")
-parser.add_argument("--steps", type=positive_int, help="DDIM's denoising steps (default: 50)")
+parser.add_argument("--steps", type=checked(int, lambda v: 1 <= v <= 1000, "in 1..1000"),
+                    help="DDIM's steps, of the prior's 1000 (default: 50)")
 parser.add_argument("--eta", type=unit_interval, default=0.0,
                     help="DDIM's noise: 0 deterministic, 1 as noisy as DDPM")
-parser.add_argument("--cfg_scale", type=float,
+parser.add_argument("--cfg_scale", type=non_negative,
                     help="classifier-free guidance scale, 1 = off (default: 3 for a "
                          "class-conditional prior, else 1)")
-parser.add_argument("--guide_below", type=int, default=500,
-                    help="guide only the steps t < this (of 1000; 1000 = every step)")
+parser.add_argument("--guide_below", type=checked(int, lambda v: 0 <= v <= 1000, "in 0..1000"),
+                    default=500, help="guide only the steps t < this (of 1000; 1000 = every step)")
 parser.add_argument("--guide_prior",
-                    help="autoguidance: guide with this weaker prior's conditional prediction instead "
-                         "of the 'no class' one (e.g. out/prior_step2000.pt, train_prior.py --snapshots)")
+                    help="autoguidance: guide against this weaker prior's conditional prediction, "
+                         "not the 'no class' one (e.g. a train_prior.py --snapshots copy)")
 parser.add_argument("--class_label", type=int, help="sample only this class (default: cycle)")
 parser.add_argument("--no_ema", action="store_true",
                     help="use the raw prior weights instead of their EMA")
@@ -68,7 +69,8 @@ args = parser.parse_args()
 
 
 def check_output_file(path, option):
-    """Before any work: a file this run will write must go into an existing directory."""
+    """Before any work: a file this run will write must go into an existing directory (a typo in a
+    path should cost a second, not a sampling run)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         fail(f"{option} {path}: the directory {folder} does not exist; create it or pick another")
@@ -78,7 +80,8 @@ def check_output_file(path, option):
 
 def check_prior_fits(prior_state, ae_state):
     """A prior only fits the autoencoder whose latents it was trained on: the same latents (their
-    fingerprint), so also the same shape and scale."""
+    fingerprint), so also the same shape and scale. Another autoencoder's decoder would turn its
+    samples into noise, however well both were trained."""
     c = ae_state["config"]
     side = ae_state["image_shape"][1] // 2 ** (len(c["ch_mult"]) - 1)
     shape = [c["z_channels"], side, side]
@@ -97,18 +100,11 @@ if args.num_samples is None:  # FD in 128 dimensions needs samples well above 12
     args.num_samples = 2000 if args.eval else 64
 if args.eval and args.num_samples < 2:
     fail(f"--eval needs at least 2 samples to estimate a covariance, got {args.num_samples}")
-if args.cfg_scale is not None and args.cfg_scale < 0:
-    fail(f"--cfg_scale must be 0 or more (1 = no guidance), got {args.cfg_scale}")
-if not 0 <= args.guide_below <= 1000:
-    fail(f"--guide_below is a diffusion step in [0, 1000] (1000: guide every step), "
-         f"got {args.guide_below}")
 if args.sampler == "ddpm" and args.steps not in (None, 1000):
     fail("the DDPM sampler walks all 1000 steps: drop --steps, or use --sampler ddim for fewer")
 if args.sampler == "ddpm":  # DDIM with eta 1 on every step is DDPM's Algorithm 2
     args.steps, args.eta = 1000, 1.0
 args.steps = args.steps or 50
-if args.steps > 1000:
-    fail(f"--steps must be between 1 and the 1000 training steps, got {args.steps}")
 if args.save_npz is not None and not args.save_npz.endswith(".npz"):
     fail(f"--save_npz {args.save_npz} must end in .npz (numpy would add the suffix)")
 check_out_dir(args.out_dir)
@@ -135,8 +131,12 @@ if "latent_scale" not in ae_state:
     fail(f"{ae_path} is unfinished (no latent scale): finish it with "
          f"{command('train_ae.py', '--stage', ae_state['stage'], '--out_dir', ae_dir, '--resume')}")
 check_prior_fits(prior_state, ae_state)
+# autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): a
+# weaker prior of the same latents, such as an early snapshot of the same run, makes the same kind
+# of errors as the good one, only larger; guiding away from its prediction removes them, and needs
+# no "no class" mode. The guidance scale and --guide_below apply as for classifier-free guidance
 guide = None
-if args.guide_prior:  # a weaker prior on the same latents: its EMA weights
+if args.guide_prior:  # its EMA weights, like the prior's
     guide, guide_state = load_prior(args.guide_prior, make_prior, device)
     if guide_state.get("latents_fingerprint") != prior_state.get("latents_fingerprint"):
         fail(f"--guide_prior {args.guide_prior} was trained on other latents than {prior_path}: "
@@ -179,7 +179,8 @@ diffusion = GaussianDiffusion().to(device)
 
 class Progress:
     """About ten lines with the rate and the time left, so a 50,000-sample run does not sit
-    silent. Quiet when everything fits in one batch."""
+    silent. Quiet when everything fits in one batch. The rate covers the whole path (prior and
+    decoder): what a user of the model gets."""
 
     def __init__(self, what, total, batch_size):
         self.what, self.total, self.start = what, total, time.time()
@@ -198,7 +199,8 @@ class Progress:
 
 def labels_of(start, count):
     """The classes asked for: one (ignored) label when unconditional, --class_label, or cycling
-    through the classes, so a grid shows each of them and --eval gets balanced classes."""
+    through the classes, so a grid shows each of them and --eval gets balanced classes. A pure
+    function of the sample's index: --eval knows what every sample was asked to be."""
     if num_classes == 0:
         return torch.zeros(count, dtype=torch.long)
     if args.class_label is not None:
@@ -208,7 +210,9 @@ def labels_of(start, count):
 
 @torch.no_grad()
 def generate(n, seed):
-    """n decoded samples in [-1, 1]: the same seed always gives the same images."""
+    """n decoded samples in [-1, 1], batch by batch: the same seed always gives the same images.
+    Each batch: x_T ~ N(0, I) -> the prior's sampler -> a latent in unit-variance units -> the
+    autoencoder's units -> the decoder. The prior never sees an image, only latents."""
     g = torch.Generator(device=device).manual_seed(seed)
     images, progress = [], Progress("sampling", n, args.batch_size)
     for start in range(0, n, args.batch_size):
@@ -227,7 +231,8 @@ def generate(n, seed):
 
 @torch.no_grad()
 def decode(z):
-    """Latents (in the autoencoder's own units) -> images in [-1, 1] on the cpu, batch by batch."""
+    """Latents (in the autoencoder's own units) -> images in [-1, 1] on the cpu, batch by batch.
+    A fresh autocast context for each batch: never one object entered twice (see precision)."""
     parts = []
     for part in z.split(args.batch_size):
         with autocast():
@@ -247,7 +252,8 @@ if args.cfg_scale != 1 and args.guide_below < 1000:
 print(f"wrote {min(64, len(samples))} of {len(samples)} samples ({args.sampler}, {args.steps} "
       f"steps, {guided}) to {output} in {elapsed:.1f}s, {len(samples) / elapsed:.1f} images/s")
 if args.save_npz:
-    # the layout of the ADM / guided-diffusion evaluation suite: uint8 pixels, (N, H, W, C)
+    # the layout of the ADM / guided-diffusion evaluation suite: uint8 pixels, (N, H, W, C), so
+    # the standard FID / IS code (Inception features, downloaded by the user) can score them
     pixels = ((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).numpy()
     np.savez(args.save_npz, arr_0=pixels)
@@ -257,7 +263,7 @@ if args.save_npz:
 # --eval: how close are the samples to held-out images, next to the rows that put the numbers in
 # context (evaluate.score_samples). FD is measured in the features of an evaluator CNN trained
 # offline on this dataset: it is not FID, and only comparable under the same evaluator.
-if args.eval:
+if args.eval:  # (latents.pt, for the Gaussian row, was loaded and checked before sampling)
     asked = labels_of(0, args.num_samples) if num_classes else None
     metrics = score_samples(samples, asked, ae, ae_state, latents, args.out_dir, device,
                             args.eval_steps, args.seed, args.batch_size, args.split)
@@ -267,8 +273,10 @@ if args.eval:
                           "cfg_scale": args.cfg_scale, "guide_below": args.guide_below,
                           "ema": not args.no_ema, "seed": args.seed, "dtype": args.dtype,
                           "guide_prior": args.guide_prior}
+    # one table: every row against the same reference images, so the numbers compare; the last
+    # row, real images of the other held-out split, is the floor: the scores' own sampling noise
     scores = metrics["scores"]
-    floor_name = list(scores)[-1]  # the last row: the real images of the other split
+    floor_name = list(scores)[-1]
     print(f"\nFD in the evaluator's 128-d features (validation accuracy "
           f"{metrics['evaluator']['accuracy']:.3f}), each row against the "
           f"{metrics['num_reference']} {args.split} images")
@@ -286,7 +294,7 @@ if args.eval:
                                                  scores[floor_name]["render_iou_per_class"])]
         print(f"render IoU per class (circle / square / triangle): samples {samples_iou}, "
               f"floor {floor_iou}")
-    if asked is not None:
+    if asked is not None:  # a conditional prior: is the class right, and is the class mix?
         shares = ", ".join(f"{share:.2f}" for share in metrics["class_shares"])
         print(f"the evaluator sees the requested class in {metrics['class_match']:.1%} of the "
               f"DiT samples; it sees the classes in the shares {shares}")

@@ -29,8 +29,8 @@ from data import (DATA_DEFAULTS, add_data_options, dataset_of, fingerprint, load
 from model import Autoencoder, Normalize
 from plumbing import (FiniteGuard, HelpFormatter, TrainLog, add_run_options, check_out_dir, command,
                       fail, finish_distributed, get_lr, initial_checksum, int_list, non_negative,
-                      positive_float, positive_int, precision, probability, resume_command,
-                      save_grid, setup_distributed, wrap_model)
+                      positive_float, positive_int, precision, probability, save_grid,
+                      setup_distributed, stop_on_interrupt, wrap_model)
 
 # -----------------------------------------------------------------------------
 # every knob is an option; the defaults train the built-in shapes on a laptop CPU in minutes.
@@ -333,17 +333,12 @@ try:
 
         log.add(loss, rec, kl)
         save_now = step % args.ckpt_interval == 0 or step == args.max_iters
-        if log.is_log_step(step) or save_now:
-            guard.verify()  # one host-device sync: stop here if any step since was not finite
-        log.after_step(step, lr)
+        log.after_step(step, lr, guard, save_now)  # stops the run if any step was not finite
         if master_process and save_now:
             save_checkpoint(checkpoint(step), ckpt_path)
 except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to continue
-    guard.verify()
-    if master_process:
-        save_checkpoint(checkpoint(step), ckpt_path)
-        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with: {resume_command()}")
-    raise SystemExit(130)
+    stop_on_interrupt(step, guard, master_process, lambda: save_checkpoint(checkpoint(step), ckpt_path),
+                      ckpt_path)
 
 # -----------------------------------------------------------------------------
 # after training: measure on the validation split, and for the final autoencoder cache the latents

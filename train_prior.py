@@ -24,7 +24,7 @@ from model import DiT, GaussianDiffusion
 from plumbing import (FiniteGuard, HelpFormatter, TrainLog, add_run_options, check_out_dir, command,
                       fail, fast_bf16_cpu, finish_distributed, get_lr, initial_checksum,
                       int_list, non_negative, positive_float, positive_int, precision, probability,
-                      resume_command, save_grid, setup_distributed, wrap_model)
+                      save_grid, setup_distributed, stop_on_interrupt, wrap_model)
 
 # -----------------------------------------------------------------------------
 # every knob is an option; the defaults train a tiny DiT on the built-in shapes on a 2-core CPU
@@ -253,9 +253,7 @@ try:
 
         log.add(step_loss)
         save_now = step % args.ckpt_interval == 0 or step == args.max_iters
-        if log.is_log_step(step) or save_now:
-            guard.verify()  # one host-device sync: stop here if any step since was not finite
-        log.after_step(step, lr)
+        log.after_step(step, lr, guard, save_now)  # stops the run if any step was not finite
         if master_process and save_now:
             save_checkpoint(checkpoint(step), ckpt_path)
         if master_process and step in args.snapshots:
@@ -265,11 +263,8 @@ try:
                 and step != args.max_iters:
             sample_grid(step)
 except KeyboardInterrupt:  # Ctrl-C: keep the finished steps, then say how to continue
-    guard.verify()
-    if master_process:
-        save_checkpoint(checkpoint(step), ckpt_path)
-        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with: {resume_command()}")
-    raise SystemExit(130)
+    stop_on_interrupt(step, guard, master_process, lambda: save_checkpoint(checkpoint(step), ckpt_path),
+                      ckpt_path)
 if master_process:  # a last grid from the final EMA weights
     sample_grid(step)
 finish_distributed(raw_model, rank, world_size, log.local_loss)  # every rank, the same weights

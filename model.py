@@ -129,10 +129,13 @@ class Autoencoder(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x):
-        """Reconstruct x through a posterior sample; also return the KL per latent element."""
+    def forward(self, x, latent_noise=0.0):
+        """Reconstruct x through a posterior sample; also return the KL per latent element. With
+        latent_noise s the decoder reads the sample plus noise of s times the latent's spread."""
         mean, std = self.encode(x)
         z = mean + std * torch.randn_like(std)
+        if latent_noise > 0:  # relative to the latent's own scale: the encoder cannot outgrow it
+            z = z + latent_noise * z.detach().std() * torch.randn_like(z)
         kl = 0.5 * (mean ** 2 + std ** 2 - 1.0 - 2.0 * torch.log(std)).mean()
         return self.decode(z), kl
 
@@ -240,8 +243,7 @@ class FinalLayer(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Cut the latent into p x p patches, each embedded by one shared linear map: a conv with
-    kernel = stride = p."""
+    """Cut the latent into p x p patches, each embedded by one linear map: a conv of stride p."""
 
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
@@ -275,7 +277,6 @@ class DiT(nn.Module):
                              f"--patch_size {patch_size} divides")
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
-        self.num_classes = num_classes
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)

@@ -85,30 +85,23 @@ def test_a_shape_is_a_pure_function_of_seed_split_and_index():
     full, small = data.ShapesDataset("train"), data.ShapesDataset("train", size=50)
     for i in (0, 7, 49):
         assert all(torch.equal(a, b) for a, b in zip(full[i], small[i]))
-    for split, seed in [("val", 0), ("train", 1)]:  # another split, another seed: other shapes
-        assert not torch.equal(small.images, data.ShapesDataset(split, seed=seed, size=50).images)
+    assert not torch.equal(small.images, data.ShapesDataset("train", seed=1, size=50).images)  # another seed
     upright = data.ShapesDataset("train", size=50, rotation=0.0)  # the same shapes, upright
     assert torch.equal(upright.labels, small.labels) and torch.equal(upright.factors[:, 3], torch.ones(50))
 
 
-def test_render_iou_is_near_one_for_real_shapes_and_lower_for_damaged_ones():
+def test_render_iou_rewards_the_ideal_shape_only():
     images, labels, factors = data.load_split(data.ShapesDataset("val", size=600))
     real = data.render_iou(images, labels)
     assert real.mean() > 0.97
-    assert real.min() > 0.85
     blurred = F.avg_pool2d(F.pad(images, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
     dented = images.clone()
     dented[:, :, 14:18, 12:20] = -1  # a hole across the middle
     for damaged, damaged_labels in [(blurred, labels), (dented, labels), (images, (labels + 1) % 3)]:
         assert data.render_iou(damaged, damaged_labels).mean() < real.mean() - 0.04
-
-
-def test_render_iou_ignores_a_stray_pixel_and_rejects_implausible_frames():
-    images, labels, _ = data.load_split(data.ShapesDataset("val", size=100))
     stray = images.clone()
     stray[:, :, 1, 1] = 1.0  # one white pixel in a corner
-    clean_score = data.render_iou(images, labels).mean().item()
-    assert data.render_iou(stray, labels).mean().item() == pytest.approx(clean_score, abs=0.005)
+    assert data.render_iou(stray, labels).mean().item() == pytest.approx(real.mean().item(), abs=0.005)
     white_and_black = torch.cat([torch.ones(3, 1, 32, 32), -torch.ones(3, 1, 32, 32)])
     assert data.render_iou(white_and_black, torch.tensor([0, 1, 2, 0, 1, 2])).max() == 0
 
@@ -122,6 +115,16 @@ def test_step_sampler_shards_resumes_and_covers_an_epoch():
 
 
 # ---- the autoencoder and the DAE's two stages ---------------------------------------------------
+def test_latent_noise_scales_with_the_latents_own_spread():
+    decoded, ae = [], Autoencoder()
+    ae.decode = lambda z: decoded.append(z) or z  # keep what the decoder is given
+    for spread in (1.0, 10.0):  # a latent ten times larger gets ten times the noise
+        mean = spread * torch.randn(8, 4, 8, 8)
+        ae.encode = lambda x: (mean, torch.full_like(mean, 1e-3))
+        ae(torch.zeros(8, 1, 32, 32), latent_noise=0.5)
+        assert (decoded[-1] - mean).std().item() == pytest.approx(0.5 * spread, rel=0.1)
+
+
 def test_the_dae_pipeline_keeps_stage_1s_encoder_and_caches_scaled_latents(pipeline):
     stage1, final = load(pipeline, "ae_stage1.pt"), load(pipeline, "ae.pt")
     latents = load(pipeline, "latents.pt")
@@ -143,10 +146,9 @@ def test_stage_1_builds_the_weak_decoder_keeps_it_on_resume_and_stage_2_builds_a
     assert "(width 0.5, dropout 0.2)" in stage1  # the decoder as built, not as asked
     resumed = run("train_ae.py", "--stage", "1", "--out_dir", tmp_path, *TINY_AE, "--max_iters", "6", "--resume").stdout
     assert "(width 0.5, dropout 0.2)" in resumed  # taken from the checkpoint
-    for option, value in [("--aux_dropout", "0.7"), ("--aux_width", "1")]:  # a contradiction
-        proc = run("train_ae.py", "--stage", "1", "--out_dir", tmp_path, *TINY_AE, "--max_iters", "8",
-                   "--resume", option, value, check=False)
-        assert_one_line_error(proc, option)
+    contradiction = ["--max_iters", "8", "--resume", "--aux_dropout", "0.7"]
+    assert_one_line_error(run("train_ae.py", "--stage", "1", "--out_dir", tmp_path, *TINY_AE, *contradiction,
+                              check=False), "--aux_dropout")
     assert "(width 1, dropout 0)" in run("train_ae.py", "--stage", "2", "--out_dir", tmp_path, *TINY_AE).stdout
     first_conv = "decoder.layers.0.weight"  # (channels out, z_channels, 3, 3)
     assert load(tmp_path, "ae_stage1.pt")["model"][first_conv].shape[0] == 32
@@ -359,8 +361,7 @@ def test_the_capacity_curve_ranks_a_latent_with_less_information_worse():
     assert (row["kept_step"], row["steps"]) == (20, 80)  # a rate too small to move: 3 drops end it
 
 
-def exact_samples(mean, cov, n, generator):
-    """n points whose sample mean and sample covariance are exactly `mean` and `cov`."""
+def exact_samples(mean, cov, n, generator):  # n points whose sample mean and covariance are exactly these
     x = torch.randn(n, len(mean), generator=generator, dtype=torch.float64)
     x = x - x.mean(0)
     x = x @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(x.T))).T  # covariance I
@@ -441,7 +442,6 @@ BAD_INPUT = {
     "code_in_checkpoint": (lambda o: torch.save({"kind": "prior", "x": torch.nn.ReLU()}, f"{o}/prior.pt"),
                            "sample.py", [], ["readable"]),
     "prior_as_autoencoder": (lambda o: shutil.copy(f"{o}/prior.pt", f"{o}/ae.pt"), "sample.py", [], ["'prior'"]),
-    "latents_missing": (lambda o: os.remove(f"{o}/latents.pt"), "train_prior.py", [], ["train_ae.py --stage 2"]),
     "latent_shape_mismatch": (lambda o: edit(o, "prior.pt", latent_shape=[8, 8, 8]), "sample.py", [], ["retrain"]),
     "foreign_latents_for_eval": (lambda o: edit(o, "latents.pt", fingerprint="0" * 16), "sample.py",
                                  ["--eval", "--num_samples", "4", "--steps", "1"], ["latents.pt"]),
@@ -538,8 +538,7 @@ def test_torchrun_two_processes_end_with_the_same_weights(script, pipeline, tmp_
     assert set(os.listdir(tmp_path)) == {"latents.pt", "log.jsonl"} | written  # one writer
 
 
-def ddp_gradient_worker(rank, init_file, batch, result_file):
-    """One of 2 processes: DDP's mean gradient of the two halves of a batch."""
+def ddp_gradient_worker(rank, init_file, batch, result_file):  # one of 2: DDP's gradient of half the batch
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = torch.nn.parallel.DistributedDataParallel(small_dit(True, class_dropout_prob=0.0))
     x, t, y, target = [part.chunk(2)[rank] for part in batch]

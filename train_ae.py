@@ -55,6 +55,9 @@ parser.add_argument("--aux_width", type=positive_float,
                     help="* stage 1: width multiplier of the auxiliary decoder (default: 1)")
 parser.add_argument("--aux_dropout", type=probability,
                     help="* stage 1: dropout in the auxiliary decoder (default: 0.2)")
+parser.add_argument("--latent_noise", type=non_negative, default=0.0,
+                    help="stage 1 and joint: the decoder reads the latent plus noise of this many "
+                         "times its spread (noise-augmented decoding; stage 2 reads it clean)")
 # the loss: reconstruction + kl_weight * KL (+ gan_weight * adversarial, off by default)
 parser.add_argument("--recon_loss", default="l1", choices=["l1", "mse"],
                     help="pixel reconstruction loss")
@@ -314,7 +317,7 @@ try:
         with autocast():
             # model(x) encodes, draws z = mean + std * noise (the reparameterisation trick, so the
             # gradient reaches the encoder) and decodes; kl is the mean KL per latent element
-            recon, kl = model(x)
+            recon, kl = model(x, args.latent_noise if args.stage != "2" else 0.0)
             rec = recon_loss(x, recon.float())
             loss = rec + args.kl_weight * kl
             if gan_is_on(step):

@@ -51,8 +51,10 @@ def train_probe(probe, z_train, x_train, steps, batch_size, lr, seed, autocast, 
     at the best weights. Returns (steps trained, the step whose weights were kept)."""
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
     order = torch.Generator(device=z_train.device).manual_seed(seed)  # the batches
-    best_l1, best_step, best_weights = math.inf, 0, None
-    peak_lr, lr_drops, checks_without_gain = lr, 0, 0
+    best_l1, best_step, best_weights = math.inf, 0, None  # the best held-out check so far
+    peak_lr = lr  # the rate between drops
+    lr_drops = 0
+    checks_without_gain = 0
     step = 0
     while step < steps and lr_drops < 3:
         if patience:  # a short warm-up, then constant between the drops
@@ -80,9 +82,11 @@ def train_probe(probe, z_train, x_train, steps, batch_size, lr, seed, autocast, 
             checks_without_gain = 0
             continue
         checks_without_gain += 1
-        if checks_without_gain >= patience:  # no progress at this rate: a smaller one
-            peak_lr, lr_drops, checks_without_gain = peak_lr / 4, lr_drops + 1, 0
+        if checks_without_gain >= patience:  # no progress at this rate: back to the best, slower
             probe.load_state_dict(best_weights)
+            peak_lr /= 4
+            lr_drops += 1
+            checks_without_gain = 0
 
     if not patience:
         return step, step

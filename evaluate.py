@@ -289,7 +289,8 @@ def score_samples(samples, asked, ae, ae_state, latents, out_dir, device="cpu", 
         gaussian_latents = gaussian.sample((n,)).float().view(n, *latents["mean"].shape[1:])
         gaussian_images = decode(gaussian_latents)
 
-    other_name = f"real ({'test' if split == 'val' else 'val'})"
+    other_split = "test" if split == "val" else "val"
+    other_name = f"real ({other_split})"
     rows = {"DiT samples": (samples, asked), "Gaussian prior": (gaussian_images, None),
             "reconstructions": (recons, other_labels), other_name: (other_images, other_labels)}
     scores = score_rows(evaluator, rows, reference, shapes=reference_factors.shape[1] > 0)

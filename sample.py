@@ -45,9 +45,12 @@ parser.add_argument("--cfg_scale", type=non_negative,
                          "class-conditional prior, else 1)")
 parser.add_argument("--guide_below", type=checked(int, lambda v: 0 <= v <= 1000, "in 0..1000"),
                     default=500, help="guide only the steps t < this (of 1000; 1000 = every step)")
+parser.add_argument("--guidance", default="auto", choices=["auto", "cfg"],
+                    help="auto: autoguidance when there is a weaker prior to guide with, else "
+                         "classifier-free guidance; cfg: classifier-free guidance")
 parser.add_argument("--guide_prior",
-                    help="autoguidance: guide against this weaker prior's conditional prediction, "
-                         "not the 'no class' one (e.g. a train_prior.py --snapshots copy)")
+                    help="autoguidance's weaker prior (default: prior_guide.pt beside the prior, "
+                         "which train_prior.py keeps)")
 parser.add_argument("--class_label", type=int, help="sample only this class (default: cycle)")
 parser.add_argument("--no_ema", action="store_true",
                     help="use the raw prior weights instead of their EMA")
@@ -136,11 +139,13 @@ check_prior_fits(prior_state, ae_state)
 # of errors as the good one, only larger; guiding away from its prediction removes them, and needs
 # no "no class" mode. The guidance scale and --guide_below apply as for classifier-free guidance
 guide = None
-if args.guide_prior:  # its EMA weights, like the prior's
-    guide, guide_state = load_prior(args.guide_prior, make_prior, device)
-    if guide_state.get("latents_fingerprint") != prior_state.get("latents_fingerprint"):
-        fail(f"--guide_prior {args.guide_prior} was trained on other latents than {prior_path}: "
-             f"guide with a prior (or a --snapshots copy) of the same latents")
+guide_path = args.guide_prior or os.path.join(os.path.dirname(prior_path), "prior_guide.pt")
+if args.guidance == "auto" and (args.guide_prior or os.path.isfile(guide_path)):
+    guide, guide_state = load_prior(guide_path, make_prior, device)  # its EMA weights too
+    same_task = guide_state["num_classes"] == prior_state["num_classes"]
+    if not same_task or guide_state.get("latents_fingerprint") != prior_state.get("latents_fingerprint"):
+        fail(f"{guide_path} is no weaker version of {prior_path} (other latents or classes): "
+             f"guide with a prior of the same latents and classes, or use --guidance cfg")
 if args.eval and ae_state["num_classes"] <= 1:
     fail("--eval's evaluator learns class labels, and this data has a single unlabelled class: "
          "write the samples with --save_npz and score them with an external FID suite")
@@ -272,7 +277,7 @@ if args.eval:  # (latents.pt, for the Gaussian row, was loaded and checked befor
     metrics["sampler"] = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
                           "cfg_scale": args.cfg_scale, "guide_below": args.guide_below,
                           "ema": not args.no_ema, "seed": args.seed, "dtype": args.dtype,
-                          "guide_prior": args.guide_prior}
+                          "guide_prior": guide_path if guide is not None else None}
     # one table: every row against the same reference images, so the numbers compare; the last
     # row, real images of the other held-out split, is the floor: the scores' own sampling noise
     scores = metrics["scores"]

@@ -129,6 +129,7 @@ def test_the_dae_pipeline_keeps_stage_1s_encoder_and_caches_scaled_latents(pipel
     stage1, final = load(pipeline, "ae_stage1.pt"), load(pipeline, "ae.pt")
     latents = load(pipeline, "latents.pt")
     assert (stage1["step"], final["stage"], final["step"]) == (60, "2", 4)
+    assert load(pipeline, "prior_guide.pt")["step"] == 1  # autoguidance's weaker prior: a fifth of the run
     encoder_keys = [k for k in final["model"] if k.startswith(("encoder.", "quant_conv."))]
     assert all(torch.equal(stage1["model"][k], final["model"][k]) for k in encoder_keys)
     assert latents["mean"].shape == (20_000, 4, 8, 8)
@@ -420,7 +421,7 @@ def test_sample_is_seeded_writes_npz_and_runs_ddpm_without_ema(pipeline, tmp_pat
     out = str(shutil.copytree(pipeline, tmp_path / "out"))
     a, b, npz = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "s.npz"
     fast = ["--out_dir", out, "--num_samples", "6", "--steps", "3"]
-    run("sample.py", *fast, "--output", a, "--save_npz", npz)
+    assert "autoguidance 3.0 below t=500" in run("sample.py", *fast, "--output", a, "--save_npz", npz).stdout
     run("sample.py", *fast, "--output", b, "--seed", "1")
     assert open(a, "rb").read() != open(b, "rb").read()  # another seed, other samples
     run("sample.py", *fast, "--output", b, "--no_ema")
@@ -447,8 +448,8 @@ BAD_INPUT = {
                                  ["--eval", "--num_samples", "4", "--steps", "1"], ["latents.pt"]),
     "architecture_mismatch": (None, "train_ae.py", ["--stage", "2", "--ch", "8"], ["--ch"]),
     "aux_options_in_joint": (None, "train_ae.py", ["--stage", "joint", "--aux_dropout", "0.3"], ["--aux_dropout"]),
-    "cfg_on_unconditional": (lambda o: edit(o, "prior.pt", num_classes=0), "sample.py", ["--cfg_scale", "3"],
-                             ["uncondit"]),
+    "cfg_on_unconditional": (lambda o: edit(o, "prior.pt", num_classes=0), "sample.py",
+                             ["--guidance", "cfg", "--cfg_scale", "3"], ["uncondit"]),
     "batch_size_0": (None, "train_ae.py", ["--stage", "1", "--batch_size", "0"], ["--batch_size", "positive"]),
     "dataset_files_missing": (None, "train_ae.py", ["--stage", "1", "--data", "mnist", "--data_dir", "OUT"],
                               ["--download"]),

@@ -122,7 +122,8 @@ def take_checkpoint_options(path, state):
         saved = state["config"].get(key, CHECKPOINT_OPTIONS[key])
         if value is None:
             setattr(args, key, saved)
-            taken.append(f"--{key} {','.join(map(str, saved)) if key == 'ch_mult' else saved}")
+            shown = ",".join(map(str, saved)) if key == "ch_mult" else saved
+            taken.append(f"--{key} {shown}")
         elif key != "data_dir" and value != saved:  # (the data may have moved)
             fail(f"{path} was trained with --{key} {saved}, this run asks for {value}: "
                  f"drop --{key} (it is taken from there) or use another --out_dir")

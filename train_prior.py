@@ -24,7 +24,7 @@ from model import DiT, GaussianDiffusion
 from plumbing import (FiniteGuard, HelpFormatter, TrainLog, add_run_options, check_out_dir, command,
                       fail, fast_bf16_cpu, finish_distributed, get_lr, initial_checksum,
                       int_list, non_negative, positive_float, positive_int, precision, probability,
-                      save_grid, setup_distributed, stop_on_interrupt, wrap_model)
+                      save_grid, setup_distributed, stop_on_interrupt, unit_interval, wrap_model)
 
 # -----------------------------------------------------------------------------
 # every knob is an option; the defaults train a tiny DiT on the built-in shapes on a 2-core CPU
@@ -63,9 +63,12 @@ parser.add_argument("--ema_decay", type=probability, default=0.999,
 add_run_options(parser, log_interval=250, ckpt_interval=1000, fast_cpu_default=True)
 parser.add_argument("--sample_interval", type=int, default=2500,
                     help="steps between sample grids (0 = only at the end)")
+# autoguidance (sample.py) guides the prior with an early, weaker version of itself, kept for free
+parser.add_argument("--guide_at", type=unit_interval, default=0.2,
+                    help="keep the weights at this share of the run as out_dir/prior_guide.pt, the "
+                         "weaker prior sample.py guides with (0 = none)")
 parser.add_argument("--snapshots", type=int_list, default=[],
-                    help="steps at which to keep a copy, out_dir/prior_step<S>.pt: an early, weaker "
-                         "prior that sample.py --guide_prior can guide with")
+                    help="more steps at which to keep a copy, out_dir/prior_step<S>.pt")
 args = parser.parse_args()
 if args.hidden_size % args.num_heads:
     fail(f"--hidden_size {args.hidden_size} must be divisible by --num_heads {args.num_heads}")
@@ -212,6 +215,7 @@ if args.resume:
     log.means["loss"] = state.get("loss", math.nan)  # what the checkpoint says until the next log
 model.train()  # important! label dropout on: it trains the "no class" mode that guidance needs
 model_params, ema_params = list(raw_model.parameters()), list(ema.parameters())
+guide_step = round(args.guide_at * args.max_iters) if args.guide_at > 0 else None
 step = start_step
 try:
     for idx in sampler:
@@ -256,9 +260,10 @@ try:
         log.after_step(step, lr, guard, save_now)  # stops the run if any step was not finite
         if master_process and save_now:
             save_checkpoint(checkpoint(step), ckpt_path)
-        if master_process and step in args.snapshots:
-            guard.verify()
-            save_checkpoint(checkpoint(step), os.path.join(args.out_dir, f"prior_step{step}.pt"))
+        if master_process and (step in args.snapshots or step == guide_step):
+            guard.verify()  # (a copy, like a checkpoint, holds only finite steps)
+            name = "prior_guide.pt" if step == guide_step else f"prior_step{step}.pt"
+            save_checkpoint(checkpoint(step), os.path.join(args.out_dir, name))
         if master_process and args.sample_interval and step % args.sample_interval == 0 \
                 and step != args.max_iters:
             sample_grid(step)

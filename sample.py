@@ -41,8 +41,8 @@ parser.add_argument("--steps", type=checked(int, lambda v: 1 <= v <= 1000, "in 1
 parser.add_argument("--eta", type=unit_interval, default=0.0,
                     help="DDIM's noise: 0 deterministic, 1 as noisy as DDPM")
 parser.add_argument("--cfg_scale", type=non_negative,
-                    help="classifier-free guidance scale, 1 = off (default: 3 for a "
-                         "class-conditional prior, else 1)")
+                    help="the guidance scale, 1 = off (default: 5 with autoguidance, 3 with "
+                         "classifier-free guidance, 1 when there is neither)")
 parser.add_argument("--guide_below", type=checked(int, lambda v: 0 <= v <= 1000, "in 0..1000"),
                     default=500, help="guide only the steps t < this (of 1000; 1000 = every step)")
 parser.add_argument("--guidance", default="auto", choices=["auto", "cfg"],
@@ -171,11 +171,14 @@ if args.class_label is not None and not 0 <= args.class_label < num_classes:
     fail(f"--class_label {args.class_label} is out of range: this prior knows classes "
          f"0..{num_classes - 1}")
 # Guidance acts only below t = 500 by default (--guide_below): at high noise a sample's class and
-# layout are still open, and guidance there pulls every sample towards a few prototypes of its
-# class; once the layout is set, it sharpens the shape asked for. The scale and the boundary were
-# chosen on the validation split (assets/RESULTS.md, "How does sample quality grow ...").
+# layout are still open, and classifier-free guidance there pulls every sample towards a few
+# prototypes of its class; once the layout is set, it sharpens the shape asked for. Autoguidance,
+# where there is a weaker prior, sharpens more. Scales and boundary were chosen on the validation
+# split (assets/RESULTS.md, "What do the main command's minutes buy?")
 if args.cfg_scale is None:  # guided by default
-    args.cfg_scale = 3.0 if can_guide else 1.0
+    args.cfg_scale = 1.0
+    if can_guide:
+        args.cfg_scale = 5.0 if guide is not None else 3.0
     if num_classes and not can_guide:
         print("the prior was trained without label dropout (--class_dropout_prob 0): "
               "sampling without guidance")

@@ -421,7 +421,7 @@ def test_sample_is_seeded_writes_npz_and_runs_ddpm_without_ema(pipeline, tmp_pat
     out = str(shutil.copytree(pipeline, tmp_path / "out"))
     a, b, npz = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "s.npz"
     fast = ["--out_dir", out, "--num_samples", "6", "--steps", "3"]
-    assert "autoguidance 3.0 below t=500" in run("sample.py", *fast, "--output", a, "--save_npz", npz).stdout
+    assert "autoguidance 5.0 below t=500" in run("sample.py", *fast, "--output", a, "--save_npz", npz).stdout
     run("sample.py", *fast, "--output", b, "--seed", "1")
     assert open(a, "rb").read() != open(b, "rb").read()  # another seed, other samples
     run("sample.py", *fast, "--output", b, "--no_ema")

@@ -45,7 +45,7 @@ parser.add_argument("--class_dropout_prob", type=probability, default=0.1,
                     help="label dropout, which trains the 'no class' mode that guidance needs")
 parser.add_argument("--unconditional", action="store_true", help="ignore the class labels")
 # optimisation (nanoGPT's recipe: AdamW, linear warm-up, cosine decay to min_lr, clipping)
-parser.add_argument("--max_iters", type=positive_int, default=10_000, help="optimizer steps")
+parser.add_argument("--max_iters", type=positive_int, default=15_000, help="optimizer steps")
 parser.add_argument("--batch_size", type=positive_int, default=64,
                     help="latents per micro-batch per process")
 parser.add_argument("--grad_accum", type=positive_int, default=1,

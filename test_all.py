@@ -535,7 +535,7 @@ def test_torchrun_two_processes_end_with_the_same_weights(script, pipeline, tmp_
     logged = float(re.search(r"step 4/4 \| loss (\S+)", proc.stdout).group(1))
     assert own[0] != own[1]
     assert logged == pytest.approx(sum(own) / 2, abs=1e-4)
-    written = {"ae_stage1.pt", "recon_stage1.png"} if script == "train_ae.py" else {"prior.pt"}
+    written = {"ae_stage1.pt", "recon_stage1.png"} if script == "train_ae.py" else {"prior.pt", "prior_guide.pt"}
     assert set(os.listdir(tmp_path)) == {"latents.pt", "log.jsonl"} | written  # one writer
 
 

@@ -260,10 +260,15 @@ try:
         log.after_step(step, lr, guard, save_now)  # stops the run if any step was not finite
         if master_process and save_now:
             save_checkpoint(checkpoint(step), ckpt_path)
-        if master_process and (step in args.snapshots or step == guide_step):
+        copies = []  # the weaker prior for autoguidance, and any --snapshots
+        if step == guide_step:
+            copies.append("prior_guide.pt")
+        if step in args.snapshots:
+            copies.append(f"prior_step{step}.pt")
+        if master_process and copies:
             guard.verify()  # (a copy, like a checkpoint, holds only finite steps)
-            name = "prior_guide.pt" if step == guide_step else f"prior_step{step}.pt"
-            save_checkpoint(checkpoint(step), os.path.join(args.out_dir, name))
+            for name in copies:
+                save_checkpoint(checkpoint(step), os.path.join(args.out_dir, name))
         if master_process and args.sample_interval and step % args.sample_interval == 0 \
                 and step != args.max_iters:
             sample_grid(step)

@@ -174,7 +174,7 @@ if args.class_label is not None and not 0 <= args.class_label < num_classes:
 # layout are still open, and classifier-free guidance there pulls every sample towards a few
 # prototypes of its class; once the layout is set, it sharpens the shape asked for. Autoguidance,
 # where there is a weaker prior, sharpens more. Scales and boundary were chosen on the validation
-# split (assets/RESULTS.md, "What do the main command's minutes buy?")
+# split (assets/RESULTS.md, "What do the main command's 15 minutes buy?")
 if args.cfg_scale is None:  # guided by default
     args.cfg_scale = 1.0
     if can_guide:

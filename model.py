@@ -129,15 +129,16 @@ class Autoencoder(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x, latent_noise=0.0):
+    def forward(self, x, latent_noise=0.0, pool=1):
         """Reconstruct x through a posterior sample; also return the KL per latent element. With
-        latent_noise s the decoder reads the sample plus noise of s times the latent's spread."""
+        latent_noise s the decoder reads the sample plus noise of s times the latent's spread; with
+        pool 2, the sample average-pooled to half its size (its target: the image pooled alike)."""
         mean, std = self.encode(x)
         z = mean + std * torch.randn_like(std)
         if latent_noise > 0:  # relative to the latent's own scale: the encoder cannot outgrow it
             z = z + latent_noise * z.detach().std() * torch.randn_like(z)
         kl = 0.5 * (mean ** 2 + std ** 2 - 1.0 - 2.0 * torch.log(std)).mean()
-        return self.decode(z), kl
+        return self.decode(F.avg_pool2d(z, pool)), kl
 
 
 # -----------------------------------------------------------------------------
@@ -329,15 +330,14 @@ class DiT(nn.Module):
 
 class GaussianDiffusion(nn.Module):
     """The forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with beta_t linear
-    from 1e-4 to 0.02 over 1000 steps, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, in
-    float32 buffers (float64 breaks Apple's MPS). `model` below is any callable
-    model(x, t, y) -> predicted noise (channels beyond x's are ignored)."""
+    from 1e-4 to 0.02 over 1000 steps, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s: computed
+    in float64, kept in a float32 buffer (float64 breaks Apple's MPS). `model` below is any
+    callable model(x, t, y) -> predicted noise (channels beyond x's are ignored)."""
 
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
         super().__init__()
         self.num_timesteps = num_timesteps
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-        self.register_buffer("betas", betas.float())  # computed in float64, stored in float32
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, dim=0).float())
 
     def q_sample(self, x0, t, noise):

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 
@@ -151,19 +150,6 @@ def setup_distributed(device):
     return rank, world_size, device
 
 
-def fast_bf16_cpu():
-    """Does this CPU have bf16 matrix units (Intel AMX, or AVX512-BF16) and a C++ compiler for
-    torch.compile? There the DiT trains about twice as fast in bf16 autocast, compiled (the speed
-    section of assets/RESULTS.md), so train_prior.py turns both on by default, as on a GPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:  # not Linux: no way to tell, so float32
-        return False
-    has_units = " amx_bf16" in flags or " avx512_bf16" in flags
-    return has_units and shutil.which("c++") is not None
-
-
 def precision(device, dtype=None, fast_cpu=False):
     """--dtype -> (dtype name, a function that returns a fresh autocast context for each `with`).
     bf16 autocast runs matmuls and convolutions in bfloat16 while weights and optimizer state stay
@@ -253,6 +239,13 @@ def finish_distributed(raw_model, rank, world_size, local_loss):
           flush=True)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def average_gradients(parameters, world_size):
+    """What DDP does during backward, done by hand for a module it does not wrap."""
+    for p in parameters:
+        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+        p.grad /= world_size
 
 
 def stop_on_interrupt(step, guard, master_process, save, ckpt_path):

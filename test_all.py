@@ -36,8 +36,7 @@ def command(script, *args):  # a script of the project, run in a fresh process a
     return [sys.executable, os.path.join(HERE, script), *map(str, args)]
 
 
-def run(script, *args, check=True):
-    """Run a script; unless check is False, it must succeed."""
+def run(script, *args, check=True):  # unless check is False, the script must succeed
     proc = subprocess.run(command(script, *args), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 or not check, f"{script} {args}:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -117,7 +116,7 @@ def test_step_sampler_shards_resumes_and_covers_an_epoch():
 
 
 # ---- the autoencoder and the DAE's two stages ---------------------------------------------------
-def test_latent_noise_scales_with_the_latents_own_spread():
+def test_the_decoder_reads_a_noisy_or_a_pooled_latent():
     decoded, ae = [], Autoencoder()
     ae.decode = lambda z: decoded.append(z) or z  # keep what the decoder is given
     for spread in (1.0, 10.0):  # a latent ten times larger gets ten times the noise
@@ -125,6 +124,8 @@ def test_latent_noise_scales_with_the_latents_own_spread():
         ae.encode = lambda x: (mean, torch.full_like(mean, 1e-3))
         ae(torch.zeros(8, 1, 32, 32), latent_noise=0.5)
         assert (decoded[-1] - mean).std().item() == pytest.approx(0.5 * spread, rel=0.1)
+    ae(torch.zeros(8, 1, 32, 32), pool=2)  # --scale_equiv: each 2x2 block of the latent averaged
+    assert torch.allclose(decoded[-1], mean.unflatten(3, (4, 2)).unflatten(2, (4, 2)).mean((3, 5)), atol=0.01)
 
 
 def test_stage_2_keeps_stage_1s_encoder_and_scales_latents(pipeline):
@@ -159,11 +160,11 @@ def test_stage_1_has_the_weak_decoder_and_stage_2_a_full_one(tmp_path):
     assert load(tmp_path, "ae.pt")["config"]["aux_width"] == 0.5  # the class that shaped the latent
 
 
-def test_joint_baseline_with_a_gan_in_bf16_runs_downstream(tmp_path):
+def test_joint_baseline_with_a_gan_and_eq_in_bf16_runs_downstream(tmp_path):
     run("train_ae.py", "--stage", "joint", "--out_dir", tmp_path, *TINY_AE, "--dtype", "bfloat16",
-        "--gan_weight", "0.1")
+        "--gan_weight", "0.1", "--scale_equiv", "0.5")  # (--seed 0: the third step is pooled)
     ae = load(tmp_path, "ae.pt")
-    assert ae["stage"] == "joint"
+    assert (ae["stage"], ae["config"]["scale_equiv"]) == ("joint", 0.5)
     assert "discriminator" in ae
     assert ae["config"]["aux_dropout"] is None  # no stage used an auxiliary decoder
     run("train_prior.py", "--out_dir", tmp_path, *TINY_PRIOR, "--compile", "--dtype", "bfloat16")
@@ -242,7 +243,7 @@ def test_fused_attention_equals_the_written_out_softmax():
 # ---- diffusion ----------------------------------------------------------------------------------
 def test_q_sample_follows_the_float32_schedule():
     diffusion = GaussianDiffusion()
-    assert diffusion.betas.dtype == diffusion.alphas_cumprod.dtype == torch.float32
+    assert diffusion.alphas_cumprod.dtype == torch.float32
     x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     abar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
@@ -511,8 +512,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(pipeline, tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130
-    step = load(tmp_path, "prior.pt")["step"]
-    assert f"saved step {step} " in stdout
+    assert f"saved step {load(tmp_path, 'prior.pt')['step']} " in stdout
     assert "--resume" in stdout
 
 
@@ -585,11 +585,11 @@ def test_a_flat_image_folder_is_one_unlabelled_class(tmp_path):
         Image.new("RGB", (20 + i, 24), (20 * i, 100, 30)).save(pictures / f"{i}.png")
     out = tmp_path / "out"
     own = ["--data", "folder", "--data_dir", pictures, "--image_size", "16", "--channels", "3",
-           "--ch", "8", "--ch_mult", "1,2", "--aux_dropout", "0.3"]
+           "--ch", "8", "--ch_mult", "1,2", "--aux_dropout", "0.3", "--scale_equiv", "0.5"]
     pickle.dumps(data.get_dataset("folder", str(pictures), 16, 3)[0])  # as spawned workers must
     assert "one unlabelled class" in run("train_ae.py", "--stage", "1", "--out_dir", out, *own, *TINY_AE).stdout
     stage2 = run("train_ae.py", "--stage", "2", "--out_dir", out, *TINY_AE).stdout  # nothing repeated
-    for option in ("--data folder", "--ch_mult 1,2 ", "--aux_dropout 0.3"):
+    for option in ("--data folder", "--ch_mult 1,2 ", "--aux_dropout 0.3", "--scale_equiv 0.5"):
         assert option in stage2
     prior = run("train_prior.py", "--out_dir", out, *TINY_PRIOR, "--class_dropout_prob", "0").stdout
     assert "unconditional" in prior

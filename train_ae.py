@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from data import (DATA_DEFAULTS, add_data_options, dataset_of, fingerprint, load_checkpoint,
                   make_loader, save_checkpoint, step_seed)
 from model import Autoencoder, Normalize
-from plumbing import (FiniteGuard, HelpFormatter, TrainLog, add_run_options, check_out_dir, command,
+from plumbing import (FiniteGuard, average_gradients, HelpFormatter, TrainLog, add_run_options, check_out_dir, command,
                       fail, finish_distributed, get_lr, initial_checksum, int_list, non_negative,
                       positive_float, positive_int, precision, probability, save_grid,
                       setup_distributed, stop_on_interrupt, wrap_model)
@@ -55,9 +55,10 @@ parser.add_argument("--aux_width", type=positive_float,
                     help="* stage 1: width multiplier of the auxiliary decoder (default: 1)")
 parser.add_argument("--aux_dropout", type=probability,
                     help="* stage 1: dropout in the auxiliary decoder (default: 0.2)")
-parser.add_argument("--latent_noise", type=non_negative, default=0.0,
-                    help="stage 1 and joint: the decoder reads the latent plus noise of this many "
-                         "times its spread (noise-augmented decoding; stage 2 reads it clean)")
+parser.add_argument("--latent_noise", type=non_negative, help="* stage 1 and joint: the decoder "
+                    "reads the latent plus noise of this many times its spread (default: 0)")
+parser.add_argument("--scale_equiv", type=probability, help="* stage 1 and joint: share of steps "
+                    "whose latent and image are both pooled to half size (EQ-VAE; default: 0)")
 # the loss: reconstruction + kl_weight * KL (+ gan_weight * adversarial, off by default)
 parser.add_argument("--recon_loss", default="l1", choices=["l1", "mse"],
                     help="pixel reconstruction loss")
@@ -87,7 +88,8 @@ master_process = int(os.environ.get("RANK", 0)) == 0  # only rank 0 prints and w
 
 # the * options and their defaults (the auxiliary decoder's two belong to the DAE only)
 CHECKPOINT_OPTIONS = {**DATA_DEFAULTS, "ch": 16, "ch_mult": [1, 2, 4], "num_res_blocks": 1,
-                      "z_channels": 4, "aux_width": 1.0, "aux_dropout": 0.2}
+                      "z_channels": 4, "aux_width": 1.0, "aux_dropout": 0.2, "latent_noise": 0.0,
+                      "scale_equiv": 0.0}
 del CHECKPOINT_OPTIONS["download"]  # (an action, not a property of the data)
 AUX_OPTIONS = ("aux_width", "aux_dropout")
 
@@ -158,10 +160,10 @@ ckpt_path = os.path.join(args.out_dir, "ae.pt" if final_stage else "ae_stage1.pt
 check_out_dir(args.out_dir, master_process)
 source_path, source = checkpoint_to_follow()
 take_checkpoint_options(source_path, source)
-downsample = 2 ** (len(args.ch_mult) - 1)
+downsample = 2 ** (len(args.ch_mult) - 1) * (2 if args.scale_equiv > 0 else 1)  # (halves latents)
 if args.image_size % downsample:
-    fail(f"--image_size {args.image_size} is not divisible by the downsampling factor {downsample} "
-         f"of --ch_mult")
+    fail(f"--image_size {args.image_size} is not divisible by {downsample}, the downsampling factor "
+         f"of --ch_mult (times 2 with --scale_equiv)")
 refuse_to_replace_the_other_kind()
 
 # -----------------------------------------------------------------------------
@@ -228,7 +230,7 @@ if args.gan_weight > 0:
     discriminator = PatchDiscriminator(image_shape[0], args.ch * 2).to(device)
     opt_disc = torch.optim.AdamW(discriminator.parameters(), lr=args.lr, betas=(0.5, 0.9))
 
-start_step = 0
+start_step = source["step"] if args.resume else 0
 if args.resume:
     model.load_state_dict(source["model"])
     optimizer.load_state_dict(source["optimizer"])
@@ -238,7 +240,6 @@ if args.resume:
     if discriminator is not None:
         discriminator.load_state_dict(source["discriminator"])
         opt_disc.load_state_dict(source["opt_disc"])
-    start_step = source["step"]
     if master_process:
         print(f"resuming stage {args.stage} from step {start_step}")
 
@@ -278,19 +279,13 @@ def recon_loss(x, recon):
     return F.mse_loss(recon, x)
 
 
-def gan_is_on(step):
-    return discriminator is not None and step >= args.gan_start
-
-
 def train_discriminator(x, recon, step):
     """The discriminator's own step, on its hinge loss alone, checked like the autoencoder's."""
     with autocast():
         d_loss = discriminator.hinge_loss(x, recon)
     d_loss.backward()
     if world_size > 1:  # not wrapped in DDP: average its gradients here
-        for p in discriminator.parameters():
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-            p.grad /= world_size
+        average_gradients(discriminator.parameters(), world_size)
     d_norm = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), math.inf)  # just the norm
     guard.check(d_loss, d_norm, discriminator.parameters(), step)
     opt_disc.step()
@@ -308,6 +303,7 @@ log = TrainLog(args.out_dir, f"ae stage {args.stage}", ["loss", "recon", "kl"], 
                args.max_iters, args.batch_size * world_size, "img", world_size, master_process)
 model.train()
 step = start_step
+regularise = args.stage != "2"  # the latent's regularisers shape the encoder; stage 2 reads it as is
 try:
     for x, _, _ in loader:
         torch.manual_seed(step_seed(args.seed, rank, step))  # this step's posterior noise, dropout
@@ -315,13 +311,18 @@ try:
         for group in optimizer.param_groups + (opt_disc.param_groups if opt_disc else []):
             group["lr"] = lr
         x = x.to(device, non_blocking=True)
+        # EQ-VAE: on a share scale_equiv of the steps, a half-size latent must give a half-size image
+        equiv = regularise and args.scale_equiv > 0 and torch.rand(()).item() < args.scale_equiv
+        pool = 2 if equiv else 1
+        gan_on = discriminator is not None and step >= args.gan_start
         with autocast():
             # model(x) encodes, draws z = mean + std * noise (the reparameterisation trick, so the
             # gradient reaches the encoder) and decodes; kl is the mean KL per latent element
-            recon, kl = model(x, args.latent_noise if args.stage != "2" else 0.0)
+            recon, kl = model(x, args.latent_noise if regularise else 0.0, pool)
+            x = F.avg_pool2d(x, pool)  # the target, pooled like the latent (pool 1 leaves it be)
             rec = recon_loss(x, recon.float())
             loss = rec + args.kl_weight * kl
-            if gan_is_on(step):
+            if gan_on:
                 loss = loss + args.gan_weight * discriminator.generator_loss(recon)
         loss.backward()
         # clipping (a rare huge gradient early on must not wreck the weights) also measures the
@@ -331,7 +332,7 @@ try:
         guard.check(loss, grad_norm, trainable, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if gan_is_on(step):
+        if gan_on:
             train_discriminator(x, recon, step)
         step += 1
 

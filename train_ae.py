@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from data import (DATA_DEFAULTS, add_data_options, dataset_of, fingerprint, load_checkpoint,
                   make_loader, save_checkpoint, step_seed)
 from model import Autoencoder, Normalize
-from plumbing import (FiniteGuard, average_gradients, HelpFormatter, TrainLog, add_run_options, check_out_dir, command,
-                      fail, finish_distributed, get_lr, initial_checksum, int_list, non_negative,
-                      positive_float, positive_int, precision, probability, save_grid,
-                      setup_distributed, stop_on_interrupt, wrap_model)
+from plumbing import (FiniteGuard, HelpFormatter, TrainLog, add_run_options, average_gradients,
+                      check_out_dir, command, fail, finish_distributed, get_lr, initial_checksum,
+                      int_list, non_negative, positive_float, positive_int, precision, probability,
+                      save_grid, setup_distributed, stop_on_interrupt, wrap_model)
 
 # -----------------------------------------------------------------------------
 # every knob is an option; the defaults train the built-in shapes on a laptop CPU in minutes.

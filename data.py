@@ -1,12 +1,12 @@
 """
 The data, and the files that carry it from one script to the next: the datasets, whole splits as
-tensors, step-indexed batches and random streams, and the checkpoints (autoencoder, latents,
-prior), written atomically and read back safely.
+tensors, step-indexed batches and random streams, a dataset's latents, and the checkpoints
+(autoencoder, latents, prior), written atomically and read back safely.
 
 Datasets (every item is `(image, label, factors)`, image a float tensor in [-1, 1], (C, H, W)):
   shapes   built in, no files: anti-aliased circles, squares and triangles with known generative
            factors (position x/y, scale, rotation, intensity), so samples can be checked against
-           the ideal shape they claim to be (`render_iou`)
+           the ideal shape they claim to be (`evaluate.render_iou`)
   mnist    torchvision MNIST from files you already have in --data_dir (or opt in with --download)
   cifar10  torchvision CIFAR-10, the same way
   folder   any directory of images: one sub-folder per class (torchvision ImageFolder), or the
@@ -18,7 +18,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model import Autoencoder, DiT
 from plumbing import fail, positive_int, unit_interval
@@ -92,45 +91,6 @@ def render_shapes(labels, factors, image_size):
     # coverage: 1 inside, 0 outside, a linear ramp one pixel wide across the edge (anti-aliasing)
     coverage = (0.5 - dist * image_size / 2).clamp(0, 1)
     return (intensity * coverage * 2 - 1).unsqueeze(1)
-
-
-# the area of each shape at scale 1 in the [-1, 1] square: pi r^2, (1.6)^2, 3 sqrt(3) 0.6^2
-SHAPE_AREA = torch.tensor([math.pi, 1.6 ** 2, 3 * math.sqrt(3) * 0.6 ** 2])
-
-
-def render_iou(images, labels, angles=36):
-    """How much each image looks like the ideal shape of class `labels` (the class asked for, or
-    the true one), from 0 to 1. The image is cut at half its brightness into a mask; the ideal
-    shape gets the mask's centre, area and brightness and the best of `angles` rotations of its
-    symmetry period, is cut the same way, and the score is the intersection over union of the two
-    masks. A dented, blurred or wrong-class image scores lower; isolated specks are ignored; an
-    image whose fitted position, size or brightness lies outside the data's range (a blank frame,
-    a frame-filling blob) scores 0. images (N, 1, S, S) in [-1, 1], labels (N,) -> (N,)."""
-    size = images.shape[-1]
-    # the brightness of the shape's fully covered inside: its 8th brightest pixel, so that a few
-    # stray bright pixels cannot set it (the smallest shape has about 30 inside pixels at 32x32)
-    intensity = (images.flatten(1).topk(8, dim=1).values[:, -1] + 1) / 2
-    drawn = images > (intensity - 1).view(-1, 1, 1, 1)  # cut at half of it, on the [-1, 1] scale
-    # a speck is not the shape: a drawn pixel none of whose 8 neighbours is drawn is left out
-    neighbours = F.conv2d(drawn.float(), torch.ones(1, 1, 3, 3), padding=1) - drawn.float()
-    drawn = drawn & (neighbours > 0)
-    axis = (torch.arange(size) + 0.5) / size * 2 - 1
-    count = drawn.flatten(1).sum(1).clamp_min(1)
-    x = (drawn * axis.view(1, 1, 1, -1)).flatten(1).sum(1) / count  # the mask's centre
-    y = (drawn * axis.view(1, 1, -1, 1)).flatten(1).sum(1) / count
-    scale = (count * (2 / size) ** 2 / SHAPE_AREA[labels]).sqrt()  # the scale of that area
-    # the data's ranges, with a margin for the error of fitting them from a mask
-    plausible = (x.abs() <= POSITION_RANGE + 0.1) & (y.abs() <= POSITION_RANGE + 0.1)
-    plausible &= (scale >= 0.75 * SCALE_RANGE[0]) & (scale <= 1.25 * SCALE_RANGE[1])
-    plausible &= intensity >= INTENSITY_RANGE[0] - 0.1
-    best = torch.zeros(len(images))
-    for angle in torch.arange(angles) * 2 * math.pi / angles:
-        cos, sin = angle.cos().expand_as(x), angle.sin().expand_as(x)
-        factors = torch.stack([x, y, scale, cos, sin, intensity], 1)
-        ideal = render_shapes(labels, factors, size) > (intensity - 1).view(-1, 1, 1, 1)
-        union = (drawn | ideal).flatten(1).sum(1).clamp_min(1)
-        best = torch.maximum(best, (drawn & ideal).flatten(1).sum(1) / union)
-    return best * plausible
 
 
 # -----------------------------------------------------------------------------
@@ -353,6 +313,20 @@ def load_autoencoder(path, make_it, device="cpu"):
                      c["z_channels"], dec_width=dec_width)
     ae.load_state_dict(state["model"])
     return ae.to(device).eval().requires_grad_(False), state
+
+
+@torch.no_grad()
+def encode_dataset(ae, dataset, device, num_workers=0):
+    """Posterior mean and std of every image, plus labels, in dataset order (no shuffling, no
+    flips), in float32 on every device: the prior and the latent scale are fitted to them."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers)
+    means, stds, labels = [], [], []
+    for x, y, _ in loader:
+        mean, std = ae.encode(x.to(device))
+        means.append(mean.float().cpu())
+        stds.append(std.float().cpu())
+        labels.append(y)
+    return torch.cat(means), torch.cat(stds), torch.cat(labels)
 
 
 def load_prior(path, make_it, device="cpu", ema=True):

@@ -29,9 +29,9 @@ import time
 
 import torch
 
-from data import dataset_of, load_autoencoder, load_split, render_iou
+from data import dataset_of, load_autoencoder, load_split
 from model import Decoder
-from evaluate import features, frechet_distance, get_evaluator
+from evaluate import features, frechet_distance, get_evaluator, render_iou
 from plumbing import (HelpFormatter, check_device, check_out_dir, checked, command, fail, get_lr,
                       positive_float, positive_int, precision, table_line)
 

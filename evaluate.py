@@ -16,8 +16,51 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import FACTOR_NAMES, dataset_of, load_checkpoint, load_split, render_iou, save_checkpoint
+from data import (FACTOR_NAMES, INTENSITY_RANGE, POSITION_RANGE, SCALE_RANGE, dataset_of,
+                  load_checkpoint, load_split, render_shapes, save_checkpoint)
 from plumbing import command, fail, get_lr
+
+# -----------------------------------------------------------------------------
+# how much an image looks like the shape it should be (the built-in data)
+
+# the area of each shape at scale 1 in the [-1, 1] square: pi r^2, (1.6)^2, 3 sqrt(3) 0.6^2
+SHAPE_AREA = torch.tensor([math.pi, 1.6 ** 2, 3 * math.sqrt(3) * 0.6 ** 2])
+
+
+def render_iou(images, labels, angles=36):
+    """How much each image looks like the ideal shape of class `labels` (the class asked for, or
+    the true one), from 0 to 1. The image is cut at half its brightness into a mask; the ideal
+    shape gets the mask's centre, area and brightness and the best of `angles` rotations of its
+    symmetry period, is cut the same way, and the score is the intersection over union of the two
+    masks. A dented, blurred or wrong-class image scores lower; isolated specks are ignored; an
+    image whose fitted position, size or brightness lies outside the data's range (a blank frame,
+    a frame-filling blob) scores 0. images (N, 1, S, S) in [-1, 1], labels (N,) -> (N,)."""
+    size = images.shape[-1]
+    # the brightness of the shape's fully covered inside: its 8th brightest pixel, so that a few
+    # stray bright pixels cannot set it (the smallest shape has about 30 inside pixels at 32x32)
+    intensity = (images.flatten(1).topk(8, dim=1).values[:, -1] + 1) / 2
+    drawn = images > (intensity - 1).view(-1, 1, 1, 1)  # cut at half of it, on the [-1, 1] scale
+    # a speck is not the shape: a drawn pixel none of whose 8 neighbours is drawn is left out
+    neighbours = F.conv2d(drawn.float(), torch.ones(1, 1, 3, 3), padding=1) - drawn.float()
+    drawn = drawn & (neighbours > 0)
+    axis = (torch.arange(size) + 0.5) / size * 2 - 1
+    count = drawn.flatten(1).sum(1).clamp_min(1)
+    x = (drawn * axis.view(1, 1, 1, -1)).flatten(1).sum(1) / count  # the mask's centre
+    y = (drawn * axis.view(1, 1, -1, 1)).flatten(1).sum(1) / count
+    scale = (count * (2 / size) ** 2 / SHAPE_AREA[labels]).sqrt()  # the scale of that area
+    # the data's ranges, with a margin for the error of fitting them from a mask
+    plausible = (x.abs() <= POSITION_RANGE + 0.1) & (y.abs() <= POSITION_RANGE + 0.1)
+    plausible &= (scale >= 0.75 * SCALE_RANGE[0]) & (scale <= 1.25 * SCALE_RANGE[1])
+    plausible &= intensity >= INTENSITY_RANGE[0] - 0.1
+    best = torch.zeros(len(images))
+    for angle in torch.arange(angles) * 2 * math.pi / angles:
+        cos, sin = angle.cos().expand_as(x), angle.sin().expand_as(x)
+        factors = torch.stack([x, y, scale, cos, sin, intensity], 1)
+        ideal = render_shapes(labels, factors, size) > (intensity - 1).view(-1, 1, 1, 1)
+        union = (drawn | ideal).flatten(1).sum(1).clamp_min(1)
+        best = torch.maximum(best, (drawn & ideal).flatten(1).sum(1) / union)
+    return best * plausible
+
 
 # -----------------------------------------------------------------------------
 # distances between two sets of samples

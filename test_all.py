@@ -93,18 +93,18 @@ def test_a_shape_is_a_pure_function_of_seed_split_and_index():
 
 def test_render_iou_rewards_the_ideal_shape_only():
     images, labels, factors = data.load_split(data.ShapesDataset("val", size=600))
-    real = data.render_iou(images, labels)
+    real = evaluate.render_iou(images, labels)
     assert real.mean() > 0.97
     blurred = F.avg_pool2d(F.pad(images, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
     dented = images.clone()
     dented[:, :, 14:18, 12:20] = -1  # a hole across the middle
     for damaged, damaged_labels in [(blurred, labels), (dented, labels), (images, (labels + 1) % 3)]:
-        assert data.render_iou(damaged, damaged_labels).mean() < real.mean() - 0.04
+        assert evaluate.render_iou(damaged, damaged_labels).mean() < real.mean() - 0.04
     stray = images.clone()
     stray[:, :, 1, 1] = 1.0  # one white pixel in a corner
-    assert data.render_iou(stray, labels).mean().item() == pytest.approx(real.mean().item(), abs=0.005)
+    assert evaluate.render_iou(stray, labels).mean().item() == pytest.approx(real.mean().item(), abs=0.005)
     white_and_black = torch.cat([torch.ones(3, 1, 32, 32), -torch.ones(3, 1, 32, 32)])
-    assert data.render_iou(white_and_black, torch.tensor([0, 1, 2, 0, 1, 2])).max() == 0
+    assert evaluate.render_iou(white_and_black, torch.tensor([0, 1, 2, 0, 1, 2])).max() == 0
 
 
 def test_step_sampler_shards_resumes_and_covers_an_epoch():
@@ -241,7 +241,7 @@ def test_fused_attention_equals_the_written_out_softmax():
 
 
 # ---- diffusion ----------------------------------------------------------------------------------
-def test_q_sample_follows_the_float32_schedule():
+def test_q_sample_follows_the_float32_schedule_and_ddim_walks_999_to_0():
     diffusion = GaussianDiffusion()
     assert diffusion.alphas_cumprod.dtype == torch.float32
     x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
@@ -249,10 +249,6 @@ def test_q_sample_follows_the_float32_schedule():
     abar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
     expected = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     assert torch.allclose(diffusion.q_sample(x0, t, noise), expected, atol=1e-6)
-
-
-def test_ddim_walks_down_from_t_999_to_0():
-    diffusion = GaussianDiffusion()
     for steps in (2, 50, 1000):
         times = diffusion.ddim_timesteps(steps)
         assert (len(times), times[0], times[-1]) == (steps, 999, 0)

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (DATA_DEFAULTS, add_data_options, dataset_of, fingerprint, load_checkpoint,
-                  make_loader, save_checkpoint, step_seed)
+from data import (DATA_DEFAULTS, add_data_options, dataset_of, encode_dataset, fingerprint,
+                  load_checkpoint, make_loader, save_checkpoint, step_seed)
 from model import Autoencoder, Normalize
 from plumbing import (FiniteGuard, HelpFormatter, TrainLog, add_run_options, average_gradients,
                       check_out_dir, command, fail, finish_distributed, get_lr, initial_checksum,
@@ -351,24 +351,8 @@ finish_distributed(raw_model, rank, world_size, log.local_loss)  # every rank, t
 if not master_process:
     raise SystemExit(0)
 raw_model.eval()
-
-
-@torch.no_grad()
-def encode_all(dataset):
-    """Posterior mean and std of every image, plus labels, in dataset order (no shuffling, no
-    flips), in float32 on every device: the prior and the latent scale are fitted to them."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.num_workers)
-    means, stds, labels = [], [], []
-    for x, y, _ in loader:
-        mean, std = raw_model.encode(x.to(device))
-        means.append(mean.float().cpu())
-        stds.append(std.float().cpu())
-        labels.append(y)
-    return torch.cat(means), torch.cat(stds), torch.cat(labels)
-
-
 with torch.no_grad():
-    mean, std, _ = encode_all(val_set)
+    mean, std, _ = encode_dataset(raw_model, val_set, device, args.num_workers)
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
     recons = torch.cat([raw_model.decode(m.to(device)).float().cpu() for m in mean.split(256)])
     # PSNR from the posterior mean (no sampling noise), so two runs compare the decoders
@@ -382,7 +366,7 @@ state["val_psnr"] = psnr
 print(f"validation reconstruction PSNR {psnr:.2f} dB (decoding the posterior mean); "
       f"grid in {grid_path}")
 if final_stage:
-    mean, std, labels = encode_all(train_set)
+    mean, std, labels = encode_dataset(raw_model, train_set, device, args.num_workers)
     # scale latents to unit variance for the prior (latent diffusion's "scale factor"); the
     # variance of a posterior sample z = mean + std * noise is Var(mean) + E[std^2]
     latent_scale = 1.0 / (mean.var() + std.pow(2).mean()).sqrt().item()

@@ -153,7 +153,10 @@ def test_stage_1_has_the_weak_decoder_and_stage_2_a_full_one(tmp_path):
     contradiction = ["--max_iters", "8", "--resume", "--aux_dropout", "0.7"]
     assert_one_line_error(run("train_ae.py", "--stage", "1", "--out_dir", tmp_path, *TINY_AE, *contradiction,
                               check=False), "--aux_dropout")
+    older = {k: v for k, v in load(tmp_path, "ae_stage1.pt")["config"].items() if k != "scale_equiv"}
+    edit(tmp_path, "ae_stage1.pt", config=older)  # as written before --scale_equiv existed (off then)
     assert "(width 1, dropout 0)" in run("train_ae.py", "--stage", "2", "--out_dir", tmp_path, *TINY_AE).stdout
+    assert load(tmp_path, "ae.pt")["config"]["scale_equiv"] == 0.0  # not today's default, 0.5
     first_conv = "decoder.layers.0.weight"  # (channels out, z_channels, 3, 3)
     assert load(tmp_path, "ae_stage1.pt")["model"][first_conv].shape[0] == 32
     assert load(tmp_path, "ae.pt")["model"][first_conv].shape[0] == 64
@@ -162,7 +165,7 @@ def test_stage_1_has_the_weak_decoder_and_stage_2_a_full_one(tmp_path):
 
 def test_joint_baseline_with_a_gan_and_eq_in_bf16_runs_downstream(tmp_path):
     run("train_ae.py", "--stage", "joint", "--out_dir", tmp_path, *TINY_AE, "--dtype", "bfloat16",
-        "--gan_weight", "0.1", "--scale_equiv", "0.5")  # (--seed 0: the third step is pooled)
+        "--gan_weight", "0.1")  # EQ by default (--scale_equiv 0.5; --seed 0: the third step is pooled)
     ae = load(tmp_path, "ae.pt")
     assert (ae["stage"], ae["config"]["scale_equiv"]) == ("joint", 0.5)
     assert "discriminator" in ae
@@ -581,11 +584,11 @@ def test_a_flat_image_folder_is_one_unlabelled_class(tmp_path):
         Image.new("RGB", (20 + i, 24), (20 * i, 100, 30)).save(pictures / f"{i}.png")
     out = tmp_path / "out"
     own = ["--data", "folder", "--data_dir", pictures, "--image_size", "16", "--channels", "3",
-           "--ch", "8", "--ch_mult", "1,2", "--aux_dropout", "0.3", "--scale_equiv", "0.5"]
+           "--ch", "8", "--ch_mult", "1,2", "--aux_dropout", "0.3", "--scale_equiv", "0.25"]
     pickle.dumps(data.get_dataset("folder", str(pictures), 16, 3)[0])  # as spawned workers must
     assert "one unlabelled class" in run("train_ae.py", "--stage", "1", "--out_dir", out, *own, *TINY_AE).stdout
     stage2 = run("train_ae.py", "--stage", "2", "--out_dir", out, *TINY_AE).stdout  # nothing repeated
-    for option in ("--data folder", "--ch_mult 1,2 ", "--aux_dropout 0.3", "--scale_equiv 0.5"):
+    for option in ("--data folder", "--ch_mult 1,2 ", "--aux_dropout 0.3", "--scale_equiv 0.25"):
         assert option in stage2
     prior = run("train_prior.py", "--out_dir", out, *TINY_PRIOR, "--class_dropout_prob", "0").stdout
     assert "unconditional" in prior

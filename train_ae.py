@@ -58,7 +58,7 @@ parser.add_argument("--aux_dropout", type=probability,
 parser.add_argument("--latent_noise", type=non_negative, help="* stage 1 and joint: the decoder "
                     "reads the latent plus noise of this many times its spread (default: 0)")
 parser.add_argument("--scale_equiv", type=probability, help="* stage 1 and joint: share of steps "
-                    "whose latent and image are both pooled to half size (EQ-VAE; default: 0)")
+                    "whose latent and image are both pooled to half size (EQ-VAE; default: 0.5)")
 # the loss: reconstruction + kl_weight * KL (+ gan_weight * adversarial, off by default)
 parser.add_argument("--recon_loss", default="l1", choices=["l1", "mse"],
                     help="pixel reconstruction loss")
@@ -89,7 +89,9 @@ master_process = int(os.environ.get("RANK", 0)) == 0  # only rank 0 prints and w
 # the * options and their defaults (the auxiliary decoder's two belong to the DAE only)
 CHECKPOINT_OPTIONS = {**DATA_DEFAULTS, "ch": 16, "ch_mult": [1, 2, 4], "num_res_blocks": 1,
                       "z_channels": 4, "aux_width": 1.0, "aux_dropout": 0.2, "latent_noise": 0.0,
-                      "scale_equiv": 0.0}
+                      "scale_equiv": 0.5}
+# a checkpoint written before an option existed was trained without it (scale_equiv was 0 then)
+IF_ABSENT = {**CHECKPOINT_OPTIONS, "scale_equiv": 0.0}
 del CHECKPOINT_OPTIONS["download"]  # (an action, not a property of the data)
 AUX_OPTIONS = ("aux_width", "aux_dropout")
 
@@ -121,7 +123,7 @@ def take_checkpoint_options(path, state):
         if state is None:
             setattr(args, key, CHECKPOINT_OPTIONS[key] if value is None else value)
             continue
-        saved = state["config"].get(key, CHECKPOINT_OPTIONS[key])
+        saved = state["config"].get(key, IF_ABSENT[key])
         if value is None:
             setattr(args, key, saved)
             shown = ",".join(map(str, saved)) if key == "ch_mult" else saved

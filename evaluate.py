@@ -1,9 +1,10 @@
 """
 Judging images without downloads: render IoU (does a shape look like the ideal shape of its class),
 a small evaluator CNN trained here once, the Frechet distance (FD) and precision / recall in its
-features, and the scoring of a prior's samples against held-out images (sample.py --eval). FD here is not FID: the features are this evaluator's, so numbers are
-only comparable under one `evaluator.pt`. How far these scores can be trusted is measured in
-assets/RESULTS.md ("How far can the evaluator and FD be trusted?").
+features, and the scoring of a prior's samples against held-out images (sample.py --eval). FD here
+is not FID: the features are this evaluator's, so numbers are only comparable under one
+`evaluator.pt`. How far these scores can be trusted is measured in assets/RESULTS.md ("How far can
+the evaluator and FD be trusted?").
 
 The evaluator learns the class labels (and, on the built-in shapes, the known factors), so it
 needs labelled data: on one unlabelled class it would learn nothing, and it refuses to score.
